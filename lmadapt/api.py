@@ -1,0 +1,146 @@
+"""The public API: attach, train, evaluate, predict, load_adapted."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapted import Adapted, check_base, read_artifact
+from .batching import Encoder, is_classification
+from .methods import Method, get_method
+
+
+def _task(task):
+    from .tasks import get_task
+    return get_task(task) if isinstance(task, str) else task
+
+
+def attach(model, method: str | Method, *, task=None, tokenizer=None, slots: int = 1,
+           num_labels: int | None = None, label_names=None, pooling: str | None = None, layer: int = -1,
+           head: str = "linear", **method_args) -> Adapted:
+    """Attach a method to a loaded model. With a classification `task` (or `num_labels`) a head is
+    added; otherwise the model keeps its LM head (generation tasks)."""
+    m = method if isinstance(method, Method) else get_method(method, **method_args)
+    if isinstance(method, Method) and method_args:
+        raise ValueError("pass method arguments either in the Method object or as keywords, not both")
+    if task is not None:
+        t = _task(task)
+        if is_classification(t):
+            num_labels, label_names = len(t.label_names), list(t.label_names)
+    return Adapted(model, m, slots=slots, num_labels=num_labels, label_names=label_names,
+                   pooling=pooling, layer=layer, head=head, tokenizer=tokenizer)
+
+
+def load_adapted(directory, model=None, tokenizer=None, slots: int = 1) -> Adapted:
+    """Rebuild an Adapted model from an artifact folder (method.json + safetensors). The base
+    model is loaded from the name recorded in the artifact unless `model` is given."""
+    from .models import load
+    meta, state = read_artifact(directory)
+    if model is None:
+        model, tokenizer = load(meta["base_model"]["name"])
+    check_base(meta, model, str(directory))
+    head = meta["head"]
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()}
+    adapted = Adapted(model, get_method(meta["method"], **args), slots=slots,
+                      num_labels=head["num_labels"], label_names=head["label_names"],
+                      pooling=head["pooling"], layer=head["layer"], head=head["kind"], tokenizer=tokenizer)
+    adapted.load_state(state, 0)
+    adapted.eval()
+    return adapted
+
+
+def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, shots=None, seed: int = 0,
+          data_root=None, out=None, resume: bool = False, max_train: int | None = None,
+          ood: list[str] | None = None, **config) -> dict:
+    """Train on a task's train split (k-shot if `shots`), keep the best dev checkpoint, evaluate
+    on dev and on the out-of-domain tasks, and write out/result.json. -> the result dict."""
+    from .data import sample_kshot
+    from .trainer import TrainConfig, fit
+    t = _task(task)
+    cfg = TrainConfig(seed=seed, **config)
+    if train_examples is None:
+        train_examples = t.load("train", data_root)
+    train_examples = sample_kshot(train_examples, shots, seed) if shots else list(train_examples)
+    if max_train and len(train_examples) > max_train:
+        g = torch.Generator().manual_seed(seed)
+        train_examples = [train_examples[i] for i in torch.randperm(len(train_examples), generator=g)[:max_train]]
+    if dev_examples is None:
+        dev_examples = t.load("dev", data_root)
+    summary = fit(adapted, t, train_examples, dev_examples, cfg, Path(out) if out else None, resume)
+    metrics = {"dev": evaluate(adapted, t, examples=dev_examples, batch_size=cfg.eval_batch_size,
+                               max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)}
+    for name in (ood if ood is not None else list(getattr(t, "ood", ()))):
+        metrics[name] = evaluate(adapted, name, split="dev", data_root=data_root,
+                                 batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+    result = build_result(adapted, t, metrics, summary, shots=shots, seed=seed,
+                          n_train=len(train_examples), out=out)
+    if out:
+        write_json(Path(out) / "result.json", result)
+    return result
+
+
+def evaluate(adapted: Adapted, task, *, split: str = "dev", examples=None, data_root=None,
+             batch_size: int = 32, max_new_tokens: int = 48, max_length: int = 128) -> dict:
+    from .evaluation import evaluate_examples
+    t = _task(task)
+    if examples is None:
+        examples = t.load(split, data_root)
+    if is_classification(t) and adapted.num_labels is not None and len(t.label_names) != adapted.num_labels:
+        raise ValueError(f"task '{t.name}' has {len(t.label_names)} labels but the model's head has "
+                         f"{adapted.num_labels}")
+    enc = Encoder(adapted.tokenizer, adapted.causal, max_length)
+    return evaluate_examples(adapted, t, examples, enc, batch_size, max_new_tokens) | {"n": len(examples)}
+
+
+def predict(adapted: Adapted, task, examples, batch_size: int = 32, max_new_tokens: int = 48,
+            max_length: int = 128) -> list:
+    """Label names for classification, generated text for generation tasks."""
+    from .evaluation import predict_examples
+    t = _task(task)
+    enc = Encoder(adapted.tokenizer, adapted.causal, max_length)
+    preds = predict_examples(adapted, t, examples, enc, batch_size, max_new_tokens)
+    if is_classification(t):
+        return [adapted.label_names[p] for p in preds]
+    return preds
+
+
+def build_result(adapted: Adapted, task, metrics: dict, summary: dict, *, shots, seed, n_train, out) -> dict:
+    import transformers
+    trainable = adapted.num_trainable()
+    total = adapted.num_base() + (0 if adapted.method.name == "full" else trainable)
+    artifact = Path(out) / "best" if out else None
+    return {
+        "model": adapted.model.config.lmadapt_name if hasattr(adapted.model.config, "lmadapt_name")
+        else adapted.model.config.model_type,
+        "task": task.name, "method": adapted.method.name, "method_args": adapted.method.to_dict(),
+        "shots": shots if shots else "full", "seed": seed, "n_train": n_train,
+        "metrics": metrics,
+        "trainable_params": trainable, "trainable_percent": 100.0 * trainable / total,
+        "bytes_on_disk": sum(f.stat().st_size for f in artifact.iterdir()) if artifact and artifact.exists() else None,
+        "train_seconds": summary["train_seconds"], "examples_per_second": summary["examples_per_second"],
+        "peak_memory_mb": summary["peak_memory_mb"], "added_memory_mb": summary["added_memory_mb"],
+        "best_dev": summary["best_dev"], "best_step": summary["best_step"], "steps": summary["steps"],
+        "processes": summary["processes"], "lr": summary["lr"], "train_config": summary["config"],
+        "history": summary["history"], "evals": summary["evals"],
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "versions": {"lmadapt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic: a temp file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,75 @@
+"""Training checkpoints: trainable tensors, AdamW state, RNG state and loop position, as
+safetensors + JSON (no pickle), written to a temp folder and renamed into place."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_checkpoint(directory: Path, named_params: dict[str, torch.Tensor], optimizer, loop_state: dict) -> None:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in named_params.items()}
+    # AdamW state keyed by the parameter's position in the (single) param group.
+    names = list(named_params)
+    group = optimizer.param_groups[0]
+    for i, p in enumerate(group["params"]):
+        for key, value in optimizer.state.get(p, {}).items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{names[i]}.{key}"] = t.detach().cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda{i}"] = s
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    meta = {"loop": loop_state, "param_groups": groups}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=float))
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(directory: Path, named_params: dict[str, torch.nn.Parameter], optimizer) -> dict:
+    directory = Path(directory)
+    tensors = load_file(str(directory / "state.safetensors"))
+    meta = json.loads((directory / "state.json").read_text())
+    names = list(named_params)
+    with torch.no_grad():
+        for k, p in named_params.items():
+            key = f"param.{k}"
+            if key not in tensors:
+                raise ValueError(f"{directory}: checkpoint has no tensor for '{k}': it was written by "
+                                 "another method or model; start without --resume or use another --out")
+            p.copy_(tensors[key].to(p.device, p.dtype))
+    group = optimizer.param_groups[0]
+    for i, p in enumerate(group["params"]):
+        prefix = f"optim.{names[i]}."
+        st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        # AdamW keeps `step` on the CPU unless capturable; moments live with the parameter.
+        st = {k: (v if k == "step" else v.to(p.device)) for k, v in st.items()}
+        if st:
+            optimizer.state[p] = st
+    for g, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        g.update(saved)
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    return meta["loop"]

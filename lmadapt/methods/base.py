@@ -1,0 +1,79 @@
+"""Method: a frozen dataclass that is its own config. `inject(adapted)` adds the method's tensors
+to an Adapted model; `export_state` / `import_state` move one slot's tensors to and from an
+artifact. Registered by name in METHODS, which refuses duplicate names."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in METHODS:
+        raise ValueError(f"method name '{cls.name}' is already registered by {METHODS[cls.name].__name__}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **args) -> "Method":
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(args) - fields)
+    if bad:
+        raise ValueError(f"method '{name}' has no argument {', '.join(repr(b) for b in bad)}; "
+                         f"valid arguments: {', '.join(sorted(fields)) or '(none)'}")
+    return cls(**args)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    supports_slots: ClassVar[bool] = True
+    # Whether the head/loss path may use cached frozen features (probe only).
+    frozen_features: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 1e-3
+    default_epochs: ClassVar[float] = 1.0
+
+    def inject(self, adapted) -> None:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def _check(self, cond: bool, field: str, why: str) -> None:
+        if not cond:
+            raise ValueError(f"method '{self.name}': {field} {why}")
+
+    # Artifacts: by default, every trainable tensor, one slot's slice of slotted ones.
+    def export_state(self, adapted, slot: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in adapted.named_parameters():
+            if p.requires_grad:
+                out[name] = p[slot] if getattr(p, "lmadapt_slotted", False) else p
+        return out
+
+    def import_state(self, adapted, state: dict[str, torch.Tensor], slot: int) -> None:
+        params = dict(adapted.named_parameters())
+        expected = set(self.export_state(adapted, slot))
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or extra:
+            raise ValueError(f"artifact does not match method '{self.name}': "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+        with torch.no_grad():
+            for name, value in state.items():
+                p = params[name]
+                dst = p[slot] if getattr(p, "lmadapt_slotted", False) else p
+                if dst.shape != value.shape:
+                    raise ValueError(f"artifact tensor '{name}' has shape {tuple(value.shape)}, "
+                                     f"the model expects {tuple(dst.shape)}")
+                dst.copy_(value.to(dst.dtype))

@@ -1,0 +1,217 @@
+"""One flat training loop on accelerate: fresh AdamW, warmup + linear decay, gradient
+accumulation, clipping, eval every N steps with the best dev checkpoint kept, atomic checkpoints
+and exact resume.
+
+Determinism: the data order of step t is a pure function of (seed, t) — a per-epoch permutation —
+so a resumed run replays the same batches, and the RNG state (dropout) is restored from the
+checkpoint. `batch_size` is the global number of examples per optimizer step: with W processes
+and A accumulation steps each process runs batch_size / (W * A) examples per micro-batch, so 1
+and 2 processes follow the same trajectory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .batching import Encoder, is_classification
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluation import evaluate_examples, metric_value
+from .memory import PeakMemory
+
+
+@dataclass
+class TrainConfig:
+    lr: float | None = None          # None: the method's default (Method.default_lr)
+    epochs: float | None = None     # None: the method's default (Method.default_epochs)
+    max_steps: int | None = None     # overrides epochs
+    batch_size: int = 8              # global examples per optimizer step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int | None = None    # steps; None: at the end of each epoch
+    save_every: int | None = None    # steps between resumable checkpoints; None: eval_every
+    max_length: int = 128
+    max_target_length: int = 64
+    eval_batch_size: int = 32
+    max_eval: int | None = None      # cap on dev examples evaluated during training
+    max_new_tokens: int = 48
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    per_epoch = math.ceil(n / batch_size)
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path | None = None,
+        resume: bool = False) -> dict:
+    """Train `adapted` in place; -> summary dict (history, best metric, timings, memory)."""
+    from accelerate import Accelerator
+
+    if not train_examples:
+        raise ValueError(f"task '{task.name}': no training examples")
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+                         f"({world} x {cfg.grad_accum})")
+    torch.manual_seed(cfg.seed)
+    enc = Encoder(adapted.tokenizer, adapted.causal, cfg.max_length, cfg.max_target_length)
+    device = acc.device
+    adapted.to(device)
+    frozen = adapted.method.frozen_features
+    dev = dev_examples[: cfg.max_eval] if cfg.max_eval else dev_examples
+
+    if frozen:  # probe: features once, then the head trains alone
+        train_x, train_y = _features(adapted, task, enc, train_examples, cfg.eval_batch_size)
+        dev_x, dev_y = _features(adapted, task, enc, dev, cfg.eval_batch_size) if dev else (None, None)
+        module = adapted.head
+    else:
+        feats = [enc.encode(task, ex) for ex in train_examples]
+        module = adapted
+    named = {n: p for n, p in adapted.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError(f"method '{adapted.method.name}' left nothing trainable")
+    lr = cfg.lr or adapted.method.default_lr
+    optimizer = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=cfg.weight_decay)
+    n = len(train_examples)
+    epochs = cfg.epochs or adapted.method.default_epochs
+    total = cfg.max_steps or max(1, math.ceil(epochs * math.ceil(n / cfg.batch_size)))
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
+    wrapped, optimizer = acc.prepare(module, optimizer)
+    eval_every = cfg.eval_every or math.ceil(n / cfg.batch_size)
+    save_every = cfg.save_every or eval_every
+    ckpt_dir = Path(out) / "checkpoint" if out else None
+
+    state = {"step": 0, "best": None, "best_step": None, "history": [], "evals": [], "train_seconds": 0.0}
+    if resume and ckpt_dir and (ckpt_dir / "state.json").exists():
+        state = load_checkpoint(ckpt_dir, named, optimizer)
+        scheduler.last_epoch = state["step"]
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        acc.print(f"resumed from {ckpt_dir} at step {state['step']}/{total}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        if frozen:
+            return F.cross_entropy(wrapped(train_x[idx]).float(), train_y[idx])
+        batch = enc.collate([feats[i] for i in idx], device)
+        return wrapped(**batch).loss
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=state["step"], disable=not (cfg.progress and acc.is_main_process),
+               desc=f"{adapted.method.name}/{task.name}", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    examples_seen = 0
+    with PeakMemory() as mem:
+        for step in range(state["step"], total):
+            wrapped.train()
+            idx = _batch_indices(step, n, cfg.batch_size, cfg.seed)
+            mine = idx[rank::world]                      # this process's share of the global batch
+            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)] or [mine]
+            step_loss = torch.zeros((), device=device)
+            for j, chunk in enumerate(chunks):
+                sync = j == len(chunks) - 1
+                ctx = acc.no_sync(wrapped) if not sync and world > 1 else _nullctx()
+                with ctx:
+                    loss = loss_of(chunk) * (len(chunk) / len(mine))
+                    acc.backward(loss)
+                step_loss += loss.detach()
+            if cfg.max_grad_norm:
+                acc.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            examples_seen += len(idx)
+            mean_loss = acc.reduce(step_loss, "mean").item()
+            state["history"].append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
+            state["step"] = step + 1
+            elapsed = time.perf_counter() - t_start
+            bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{examples_seen / max(elapsed, 1e-9):.1f}")
+            bar.update(1)
+            last = state["step"] == total
+            if dev and (state["step"] % eval_every == 0 or last):
+                m = _evaluate(adapted, task, enc, dev, cfg, frozen, dev_x if frozen else None,
+                              dev_y if frozen else None)
+                value = metric_value(task, m)
+                state["evals"].append({"step": state["step"], **m})
+                if state["best"] is None or value > state["best"]:
+                    state["best"], state["best_step"] = value, state["step"]
+                    if out and acc.is_main_process:
+                        adapted.save(Path(out) / "best")
+                acc.print(f"step {state['step']}: dev {task.metric} = {value:.4f} (best {state['best']:.4f})")
+            if ckpt_dir and acc.is_main_process and (state["step"] % save_every == 0 or last):
+                state["train_seconds"] += time.perf_counter() - t_start
+                t_start = time.perf_counter()
+                save_checkpoint(ckpt_dir, named, optimizer, state)
+            acc.wait_for_everyone()
+    bar.close()
+    state["train_seconds"] += time.perf_counter() - t_start
+    if out and acc.is_main_process and (Path(out) / "best").exists():
+        from .adapted import read_artifact
+        _, best_state = read_artifact(Path(out) / "best")
+        adapted.load_state(best_state)  # finish on the best dev checkpoint
+    elif out and acc.is_main_process:
+        adapted.save(Path(out) / "best")
+    acc.wait_for_everyone()
+    return {
+        "steps": total, "lr": lr, "config": asdict(cfg), "history": state["history"], "evals": state["evals"],
+        "best_dev": state["best"], "best_step": state["best_step"], "processes": world,
+        "train_seconds": state["train_seconds"], "examples_per_second": examples_seen / max(state["train_seconds"], 1e-9),
+        "peak_memory_mb": mem.peak_mb, "added_memory_mb": mem.added_mb,
+    }
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@torch.no_grad()
+def _features(adapted, task, enc, examples, batch_size):
+    adapted.eval()
+    xs, ys = [], []
+    feats = [enc.encode(task, ex) for ex in examples]
+    for i in range(0, len(feats), batch_size):
+        batch = enc.collate(feats[i:i + batch_size], adapted.device)
+        labels = batch.pop("labels")
+        xs.append(adapted.features(**batch))
+        ys.append(labels)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def _evaluate(adapted, task, enc, dev, cfg, frozen, dev_x, dev_y):
+    if frozen:
+        adapted.head.eval()
+        preds = adapted.head(dev_x).argmax(-1).tolist()
+        from .metrics import compute
+        return compute(task.metric, preds, dev_y.tolist())
+    return evaluate_examples(adapted, task, dev, enc, cfg.eval_batch_size, cfg.max_new_tokens)

@@ -1,0 +1,121 @@
+"""Tiny random LLaMA / GPT-2 / BERT models built from configs, a word-level tokenizer over a small
+vocabulary, and toy tasks: the whole suite runs on them in seconds; the real packaged models are
+used only by tests marked `integration`."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from lmadapt.data import Example
+from lmadapt.tasks import Task
+
+WORDS = ("the a movie film was is it this that and but very not really good great fine bad awful "
+         "boring fun plot actor story with of to in for on at by an as be are so too much more "
+         "yes no maybe cat dog table name food price area near pub cafe cheap high low rated "
+         "question answer context summary text premise hypothesis true false entail").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<eos>"]
+
+
+def make_tokenizer(kind: str = "causal"):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(WORDS)) + list(".,!?:;'\"-|[]()0123456789"))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    if kind == "encoder":
+        tk.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                  eos_token="<eos>", cls_token="[CLS]", sep_token="[SEP]")
+    tok.padding_side = "left" if kind == "causal" else "right"
+    return tok
+
+
+def make_model(arch: str, vocab_size: int, seed: int = 0):
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          pad_token_id=0, bos_token_id=None, eos_token_id=4, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=4,
+                         pad_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, pad_token_id=0)
+        model = BertModel(cfg, add_pooling_layer=False)
+    else:
+        raise ValueError(arch)
+    model.config.lmadapt_name = f"tiny-{arch}"
+    return model.eval()
+
+
+ARCHS = ("llama", "gpt2", "bert")
+CAUSAL = ("llama", "gpt2")
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(arch):
+    """(model, tokenizer) for the parametrized architecture."""
+    tok = make_tokenizer("encoder" if arch == "bert" else "causal")
+    return make_model(arch, len(tok)), tok
+
+
+def _toy_examples(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pos, neg, filler = ["good", "great", "fun"], ["bad", "awful", "boring"], ["the", "movie", "was", "very", "plot", "it"]
+    out = []
+    for i in range(n):
+        label = int(torch.randint(2, (1,), generator=g))
+        words = [filler[int(j)] for j in torch.randint(len(filler), (4,), generator=g)]
+        words.insert(int(torch.randint(5, (1,), generator=g)), (pos if label else neg)[i % 3])
+        out.append(Example(text=" ".join(words), label=label))
+    return out
+
+
+TOY_CLS = Task(name="toy", kind="classification", label_names=("negative", "positive"), metric="accuracy",
+               splits={"train": lambda root: _toy_examples(64, 0), "dev": lambda root: _toy_examples(32, 1)},
+               uses_data_root=False, description="toy sentiment")
+
+
+def _toy_gen(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    foods = ["cheap", "high", "low"]
+    out = []
+    for i in range(n):
+        f = foods[int(torch.randint(3, (1,), generator=g))]
+        out.append(Example(text=f"name cafe price {f}", target=f"the cafe is {f}", references=[f"the cafe is {f}"]))
+    return out
+
+
+TOY_GEN = Task(name="toygen", kind="generation", metric="bleu", prompt="{text} text :",
+               splits={"train": lambda root: _toy_gen(48, 0), "dev": lambda root: _toy_gen(8, 1)},
+               uses_data_root=False, description="toy table-to-text")
+
+
+@pytest.fixture
+def toy_cls():
+    return TOY_CLS
+
+
+@pytest.fixture
+def toy_gen():
+    return TOY_GEN
