@@ -79,9 +79,14 @@ def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, sho
                                  batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
     result = build_result(adapted, t, metrics, summary, shots=shots, seed=seed,
                           n_train=len(train_examples), out=out)
-    if out:
+    if out and is_main_process():
         write_json(Path(out) / "result.json", result)
     return result
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+    return PartialState().is_main_process
 
 
 def evaluate(adapted: Adapted, task, *, split: str = "dev", examples=None, data_root=None,

@@ -1,0 +1,256 @@
+"""lmadapt train | eval | predict | tasks | methods.
+
+Every user error (bad data, unknown name, bad argument) prints one line `lmadapt: error: ...`
+and exits 2; nothing half-written is left behind (artifacts are written atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _value(v: str):
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if "+" in v:  # targets=q_proj+v_proj
+        return tuple(p for p in v.split("+") if p)
+    return v
+
+
+def parse_method_args(s: str | None) -> dict:
+    """'r=8,alpha=16,targets=q_proj+v_proj' -> {'r': 8, 'alpha': 16, 'targets': ('q_proj', 'v_proj')}"""
+    out = {}
+    for part in filter(None, (s or "").split(",")):
+        if "=" not in part:
+            raise ValueError(f"--method-args: '{part}' is not key=value (example: r=8,alpha=16)")
+        k, v = part.split("=", 1)
+        out[k.strip()] = _value(v.strip())
+    return out
+
+
+def _task_from_args(a):
+    from .tasks import get_task, task_from_files
+    if getattr(a, "train", None):
+        if not a.text_col or not a.label_col:
+            raise ValueError("--train needs --text-col and --label-col (and --text-pair-col for pairs)")
+        return task_from_files(a.train, a.dev, a.text_col, a.label_col, text_pair_col=a.text_pair_col)
+    if not a.task:
+        raise ValueError("give --task NAME (see `lmadapt tasks`) or --train FILE with --text-col/--label-col")
+    return get_task(a.task)
+
+
+def cmd_train(a) -> int:
+    import lmadapt
+    from .data import parse_shots
+    from .trainer import TrainConfig
+    task = _task_from_args(a)
+    shots = parse_shots(a.shots)
+    model, tok = lmadapt.load(a.model)
+    import torch
+    torch.manual_seed(a.seed)  # the method's initial weights depend on the seed, not on luck
+    adapted = lmadapt.attach(model, a.method, task=task, tokenizer=tok, pooling=a.pooling, layer=a.layer,
+                             head=a.head, **parse_method_args(a.method_args))
+    cfg_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = {k: v for k, v in vars(a).items() if k in cfg_fields and v is not None and k != "seed"}
+    cfg["progress"] = not a.no_progress
+    ood = None if a.ood is None else [t for t in a.ood.split(",") if t]
+    result = lmadapt.train(adapted, task, shots=shots, seed=a.seed, data_root=a.data_root, out=a.out,
+                           resume=a.resume, max_train=a.max_train, ood=ood, **cfg)
+    from .api import is_main_process
+    if not is_main_process():
+        return 0
+    print(summary_table([result]))
+    print(f"wrote {Path(a.out) / 'result.json'} and the artifact {Path(a.out) / 'best'}")
+    return 0
+
+
+def _load_run(run: str):
+    import lmadapt
+    art = Path(run) / "best" if (Path(run) / "best" / "method.json").exists() else Path(run)
+    return lmadapt.load_adapted(art)
+
+
+def cmd_eval(a) -> int:
+    import lmadapt
+    from .api import write_json
+    adapted = _load_run(a.run)
+    task = _task_from_args(a) if (a.task or a.train) else None
+    if task is None:
+        raise ValueError("give --task NAME to evaluate on")
+    metrics = lmadapt.evaluate(adapted, task, split=a.split, data_root=a.data_root, batch_size=a.batch_size)
+    print(json.dumps({"task": task.name, "split": a.split, **metrics}, indent=2))
+    if Path(a.run).is_dir():
+        write_json(Path(a.run) / f"eval-{task.name}-{a.split}.json", {"task": task.name, "split": a.split, **metrics})
+    return 0
+
+
+def read_inputs(path: str) -> list:
+    """Plain text (one example per line), or .jsonl/.json/.tsv/.csv with a `text` (and optional
+    `text_pair`) column."""
+    from .data import DataError, Example, read_rows
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: does not exist")
+    if p.suffix in (".jsonl", ".json", ".tsv", ".csv"):
+        rows = read_rows(p, required=("text",))
+        return [Example(text=str(r["text"]), text_pair=r.get("text_pair")) for _, r in rows]
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{path}: empty file")
+    return [Example(text=ln) for ln in lines]
+
+
+def cmd_predict(a) -> int:
+    import lmadapt
+    from .tasks import get_task
+    adapted = _load_run(a.run)
+    task = get_task(a.task) if a.task else _task_of_run(a.run, adapted)
+    for p in lmadapt.predict(adapted, task, read_inputs(a.input), batch_size=a.batch_size):
+        print(p)
+    return 0
+
+
+def _task_of_run(run: str, adapted):
+    from .tasks import get_task
+    res = Path(run) / "result.json"
+    if res.exists():
+        name = json.loads(res.read_text()).get("task")
+        try:
+            return get_task(name)
+        except ValueError:
+            pass
+    if adapted.num_labels:
+        from .tasks import Task
+        return Task(name="run", kind="classification", label_names=tuple(adapted.label_names),
+                    metric="accuracy", splits={"none": lambda root: []}, uses_data_root=False)
+    raise ValueError(f"{run}: cannot tell which task this run was trained on; pass --task")
+
+
+def cmd_tasks(a) -> int:
+    from .tasks import list_tasks
+    rows = list_tasks()
+    join = lambda v: (v if isinstance(v, str) else ",".join(v)) or "-"  # noqa: E731
+    print(_table([[r["name"], r["kind"], join(r["labels"]), r["metric"], join(r["splits"])]
+                  for r in rows], ["task", "kind", "labels", "metric", "splits"]))
+    return 0
+
+
+def cmd_methods(a) -> int:
+    from .methods import METHODS
+    rows = []
+    for name, cls in sorted(METHODS.items()):
+        args = ", ".join(f"{f.name}={f.default if f.default is not dataclasses.MISSING else '?'}"
+                         for f in dataclasses.fields(cls))
+        rows.append([name, cls.summary, args or "-", "yes" if cls.supports_slots else "no"])
+    print(_table(rows, ["method", "what", "args (defaults)", "slots"]))
+    return 0
+
+
+def _table(rows, header) -> str:
+    cols = list(zip(*([header] + rows))) if rows else [[h] for h in header]
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def summary_table(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        m = r["metrics"]
+        evals = "  ".join(f"{k}: {', '.join(f'{mk}={mv:.2f}' for mk, mv in v.items() if mk != 'n')}"
+                          for k, v in m.items())
+        rows.append([r["method"], r["task"], f"{r['trainable_percent']:.3f}%",
+                     f"{(r['bytes_on_disk'] or 0) / 1e6:.2f} MB", f"{r['train_seconds']:.0f}s",
+                     f"{r['peak_memory_mb']:.0f} MB", evals])
+    return _table(rows, ["method", "task", "trainable", "stored", "train", "peak mem", "metrics"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
+    p = argparse.ArgumentParser(prog="lmadapt", description="Adapt a pretrained language model to a task.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def data_args(sp, train_file=True):
+        sp.add_argument("--task", help="a task name (see `lmadapt tasks`)")
+        sp.add_argument("--data-root", help="datasets folder (default: $LMADAPT_DATA or ../shared/data)")
+        if train_file:
+            sp.add_argument("--train", help="your own training file (.tsv/.csv/.jsonl/.json) instead of --task")
+        else:
+            sp.add_argument("--train", help="the training file the run used (for its label set)")
+        sp.add_argument("--dev", help="your own dev file")
+        sp.add_argument("--text-col", help="column holding the text")
+        sp.add_argument("--text-pair-col", help="column holding the second text of a pair")
+        sp.add_argument("--label-col", help="column holding the label")
+
+    t = sub.add_parser("train", help="train a method on a task; writes OUT/result.json and OUT/best/",
+                       description="Train a method on a task, keep the best dev checkpoint, evaluate on dev and "
+                                   "out-of-domain sets. Example: lmadapt train --task sst2 --method probe --out runs/x")
+    t.add_argument("--model", default=DEFAULT_MODEL, help=f"packaged name or local HF dir (default {DEFAULT_MODEL})")
+    data_args(t)
+    t.add_argument("--method", default="probe", help="see `lmadapt methods` (default probe)")
+    t.add_argument("--method-args", help="k=v,... e.g. r=8,alpha=16,targets=q_proj+v_proj")
+    t.add_argument("--shots", default="full", help="examples per class (k-shot, class-balanced) or 'full'")
+    t.add_argument("--max-train", type=int, help="random subset of the training set of this size")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a crash")
+    t.add_argument("--pooling", choices=["cls", "mean", "last"], help="classification pooling (default last/mean)")
+    t.add_argument("--layer", type=int, default=-1, help="hidden layer fed to the head (default -1: last)")
+    t.add_argument("--head", choices=["linear", "mlp"], default="linear")
+    for name, typ in [("lr", float), ("epochs", float), ("max-steps", int), ("batch-size", int),
+                      ("grad-accum", int), ("eval-every", int), ("save-every", int), ("max-length", int),
+                      ("max-eval", int), ("warmup-ratio", float), ("weight-decay", float)]:
+        t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--ood", help="comma-separated out-of-domain tasks to evaluate (default: the task's own)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained run on a task", description="Example: lmadapt eval --run runs/x --task imdb")
+    e.add_argument("--run", required=True, help="run folder (or artifact folder)")
+    data_args(e, train_file=False)
+    e.add_argument("--split", default="dev")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="predict labels / generate text for an input file",
+                        description="Input: a text file (one example per line) or .jsonl/.tsv/.csv with a "
+                                    "'text' column. Example: lmadapt predict --run runs/x --input reviews.txt")
+    pr.add_argument("--run", required=True)
+    pr.add_argument("--input", required=True)
+    pr.add_argument("--task", help="task (default: the run's)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.set_defaults(func=cmd_predict)
+
+    sub.add_parser("tasks", help="list the tasks").set_defaults(func=cmd_tasks)
+    sub.add_parser("methods", help="list the methods and their arguments").set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from .data import DataError
+    from .models import ModelError
+    try:
+        return a.func(a)
+    except (DataError, ModelError, ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lmadapt: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
