@@ -58,6 +58,8 @@ def cmd_train(a) -> int:
     from .trainer import TrainConfig
     task = _task_from_args(a)
     shots = parse_shots(a.shots)
+    for split in ("train", "dev"):  # bad data fails here, before minutes of model loading
+        task.load(split, a.data_root)
     model, tok = lmadapt.load(a.model)
     import torch
     torch.manual_seed(a.seed)  # the method's initial weights depend on the seed, not on luck

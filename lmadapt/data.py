@@ -10,16 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-# Sentences in SST-2 or Amazon reviews can be far longer than csv's 128 KiB default field limit
-# allows for pathological user files; 16 MiB still catches a runaway quote that swallows a file.
-csv.field_size_limit(16 * 1024 * 1024)
-
 SUPPORTED_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class DataError(ValueError):
@@ -28,19 +26,41 @@ class DataError(ValueError):
 
 def display_path(path: str | Path, root: str | Path | None = None) -> str:
     """`path` relative to the data root when it lies under it (short, and the same on every
-    machine), else as given."""
-    if root is not None:
+    machine), else as given. Without `root`, the usual data root is looked up, if there is one."""
+    if root is None:
         try:
-            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            pass
-    return str(path)
+            root = resolve_data_root()
+        except DataError:
+            return str(path)
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def data_error(path: str | Path, line: int | None, message: str,
                root: str | Path | None = None) -> DataError:
     where = display_path(path, root)
-    return DataError(f"{where} line {line}: {message}" if line is not None else f"{where}: {message}")
+    return DataError(f"{where}: {message}" if line is None else f"{where} line {line}: {message}")
+
+
+def resolve_data_root(data_root: str | Path | None = None) -> Path:
+    """The folder holding sst2/, rte/, ...: the argument, else $LMADAPT_DATA, else
+    ../shared/data from the working directory, else ../shared/data next to the repository."""
+    how_to = ("pass --data-root DIR (data_root= in Python) or set LMADAPT_DATA to the folder "
+              "that holds sst2/, rte/, squad_v1.1/, ...")
+    given = [(data_root, "data_root"), (os.environ.get("LMADAPT_DATA") or None, "LMADAPT_DATA")]
+    for value, source in given:
+        if value is not None:
+            path = Path(value).expanduser()
+            if not path.is_dir():
+                raise DataError(f"data root '{value}' (from {source}) is not a directory; {how_to}")
+            return path.resolve()
+    tried = [Path.cwd() / ".." / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
+    for path in tried:
+        if path.is_dir():
+            return path.resolve()
+    raise DataError(f"no data root found (tried {', '.join(str(p) for p in tried)}); {how_to}")
 
 
 @dataclass
@@ -218,7 +238,8 @@ def _read_json_array(path, text, root):
         elif i < len(text) and text[i] == "]":
             break
         else:
-            raise data_error(path, lineno(min(i, len(text))), "invalid JSON (expected ',' or ']' "
+            # Point at the line the element ends on: that is where the ',' or ']' is missing.
+            raise data_error(path, lineno(end), "invalid JSON (expected ',' or ']' "
                              "after an array element; is the file truncated?)", root)
     if skip_ws(i + 1) != len(text):
         raise data_error(path, lineno(skip_ws(i + 1)), "invalid JSON (extra data after the array)",
@@ -253,15 +274,16 @@ def label_key(row: dict, col: str, path: str | Path, line: int, root=None) -> st
 
 
 def label_index(row: dict, col: str, labels: Mapping[str, int], path: str | Path, line: int,
-                root=None) -> int:
+                root=None, hint: str = "") -> int:
     """The class index of a row's label under `labels` (label string -> index)."""
     value = row.get(col)
     if type(value) is str and value in labels:  # fast path: the common, clean case
         return labels[value]
     key = label_key(row, col, path, line, root)
     if key not in labels:
-        raise data_error(path, line, f"label '{key}' is not one of "
-                         f"{', '.join(sorted_labels(labels))}", root)
+        what = "label" if col == "label" else f"field '{col}': label"
+        raise data_error(path, line, f"{what} '{key}' is not one of "
+                         f"{', '.join(sorted_labels(labels))}{hint}", root)
     return labels[key]
 
 
@@ -313,7 +335,7 @@ def sample_kshot(examples: Sequence[Example], shots: int | str | None, seed: int
         for e in examples:
             by_class.setdefault(e.label, []).append(e)
         chosen = []
-        for label in sorted(by_class):  # sorted: the draw order must not depend on file order
+        for label in sorted(by_class):  # a fixed class order keeps the draws reproducible
             pool = by_class[label]
             if len(pool) < shots:
                 raise DataError(f"class {label} has only {len(pool)} examples; cannot sample "

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from .data import (DataError, Example, data_error, label_index, label_key, read_json, read_rows,
-                   sorted_labels, text_field)
+from .data import (Example, data_error, label_index, label_key, read_json, read_rows,
+                   resolve_data_root, sorted_labels, text_field)
 from .metrics import METRICS
 
 KINDS = ("classification", "pair_classification", "generation", "preference", "instruction")
@@ -33,7 +33,6 @@ CLASSIFICATION_KINDS = ("classification", "pair_classification")
 # so parsed splits can be cached per (loader, root).
 Loader = Callable[[Path], list[Example]]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 P = functools.partial
 
 
@@ -59,26 +58,23 @@ class Task:
     uses_data_root: bool = field(default=True, repr=False)
 
     def __post_init__(self):
+        def fail(problem):
+            raise ValueError(f"task '{self.name}': {problem}")
         if self.kind not in KINDS:
-            raise ValueError(f"task '{self.name}': unknown kind '{self.kind}'; choose one of: "
-                             f"{', '.join(KINDS)}")
+            fail(f"unknown kind '{self.kind}'; choose one of: {', '.join(KINDS)}")
         if self.metric not in METRICS:
-            raise ValueError(f"task '{self.name}': unknown metric '{self.metric}'; choose one of: "
-                             f"{', '.join(METRICS)}")
+            fail(f"unknown metric '{self.metric}'; choose one of: {', '.join(METRICS)}")
+        if self.kind in CLASSIFICATION_KINDS and len(self.label_names) < 2:
+            fail(f"kind '{self.kind}' needs at least 2 label_names, got {list(self.label_names)}")
+        if self.kind not in CLASSIFICATION_KINDS and self.label_names:
+            fail(f"kind '{self.kind}' takes no label_names")
+        if "{text}" not in self.prompt:
+            fail(f"prompt must contain {{text}}: {self.prompt!r}")
+        if not self.splits:
+            fail("has no splits")
+        # Tuples and a read-only view of splits: Task is frozen, and all of these define it.
         object.__setattr__(self, "label_names", tuple(self.label_names))
         object.__setattr__(self, "ood", tuple(self.ood))
-        if (self.kind in CLASSIFICATION_KINDS) != bool(self.label_names):
-            raise ValueError(f"task '{self.name}': kind '{self.kind}' "
-                             + ("needs label_names (at least 2)" if self.kind in
-                                CLASSIFICATION_KINDS else "takes no label_names"))
-        if self.label_names and len(self.label_names) < 2:
-            raise ValueError(f"task '{self.name}': needs at least 2 labels, got "
-                             f"{list(self.label_names)}")
-        if "{text}" not in self.prompt:
-            raise ValueError(f"task '{self.name}': prompt must contain {{text}}: {self.prompt!r}")
-        if not self.splits:
-            raise ValueError(f"task '{self.name}': has no splits")
-        # A read-only view: Task is frozen, and its splits are part of what it is.
         object.__setattr__(self, "splits", MappingProxyType(dict(self.splits)))
 
     def load(self, split: str, data_root: str | Path | None = None) -> list[Example]:
@@ -109,25 +105,6 @@ def _copy(e: Example) -> Example:
     return Example(e.text, e.text_pair, e.label, e.target, e.rejected,
                    None if e.references is None else list(e.references),
                    dict(e.meta) if e.meta else {})
-
-
-def resolve_data_root(data_root: str | Path | None = None) -> Path:
-    """The folder holding sst2/, rte/, ...: the argument, else $LMADAPT_DATA, else
-    ../shared/data from the working directory, else ../shared/data next to the repository."""
-    how_to = ("pass --data-root DIR (data_root= in Python) or set LMADAPT_DATA to the folder "
-              "that holds sst2/, rte/, squad_v1.1/, ...")
-    given = [(data_root, "data_root"), (os.environ.get("LMADAPT_DATA") or None, "LMADAPT_DATA")]
-    for value, source in given:
-        if value is not None:
-            path = Path(value).expanduser()
-            if not path.is_dir():
-                raise DataError(f"data root '{value}' (from {source}) is not a directory; {how_to}")
-            return path.resolve()
-    tried = [Path.cwd() / ".." / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
-    for path in tried:
-        if path.is_dir():
-            return path.resolve()
-    raise DataError(f"no data root found (tried {', '.join(str(p) for p in tried)}); {how_to}")
 
 
 # --- loaders: each reads one split; `root` is the data root ----------------------------------
@@ -215,7 +192,7 @@ def _squad(root: Path, part: str) -> list[Example]:
 
 
 def _tail(rows: list, part: str, n_dev: int) -> list:
-    """For single-file sources: the last `n_dev` rows are dev, the rest train (fixed, by position)."""
+    """Single-file sources: the last `n_dev` rows are dev, the rest train (fixed, by position)."""
     return rows[:-n_dev] if part == "train" else rows[-n_dev:]
 
 
@@ -256,8 +233,8 @@ def _hh(root: Path, part: str) -> list[Example]:
     for line, r in _tail(rows, part, 231):
         chosen, rejected = get(r, line, "chosen"), get(r, line, "rejected")
         # The prompt is the dialogue up to the last "Assistant:" the two texts share. Searching
-        # only the common prefix matters: 5 chosen replies themselves contain "\n\nAssistant:",
-        # so rfind on the whole chosen text would cut inside the reply.
+        # only the common prefix matters: in 5 pairs a reply (4 chosen, 1 rejected) itself
+        # contains "\n\nAssistant:", so rfind on the whole text would cut inside the reply.
         cut = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
         if cut < 0:
             raise data_error(root / "hh_rlhf/harmless_base_test.jsonl", line, "chosen and "
@@ -319,9 +296,8 @@ register_task(Task(
     name="sst2", kind="classification", label_names=SENTIMENT, metric="accuracy",
     description="GLUE SST-2 movie-review sentences. test = the AutoPrompt repo's labels for the "
                 "GLUE test sentences (unverified provenance; secondary).",
-    splits={"train": _glue("sst2/train.tsv", "sentence", BINARY),
-            "dev": _glue("sst2/dev.tsv", "sentence", BINARY),
-            "test": _glue("sst2/test_labeled_autoprompt.tsv", "sentence", BINARY)},
+    splits={s: _glue(f"sst2/{f}.tsv", "sentence", BINARY)
+            for s, f in (("train", "train"), ("dev", "dev"), ("test", "test_labeled_autoprompt"))},
     ood=("imdb",) + AMAZON_TASKS))
 register_task(Task(
     name="imdb", kind="classification", label_names=SENTIMENT, metric="accuracy",
@@ -349,25 +325,22 @@ for _name, _other in (("mnli", "snli"), ("snli", "mnli")):
         prompt="{text}\n{text_pair}",
         description=f"{_name.upper()} subset (9k train). dev is a held-out 1k part of the "
                     f"official TRAIN set, not the official dev set.",
-        splits={"train": P(_classification, rel=f"{_name}_subset/train.jsonl", text_col="text_a",
-                           labels=NLI_LABELS, pair_col="text_b"),
-                "dev": P(_classification, rel=f"{_name}_subset/heldout.jsonl", text_col="text_a",
-                         labels=NLI_LABELS, pair_col="text_b")},
+        splits={s: P(_classification, rel=f"{_name}_subset/{f}.jsonl", text_col="text_a",
+                     labels=NLI_LABELS, pair_col="text_b")
+                for s, f in (("train", "train"), ("dev", "heldout"))},
         ood=(_other,)))
 register_task(Task(
     name="e2e_nlg", kind="generation", metric="bleu", prompt="Table: {text}\nText:",
     description="E2E NLG restaurant meaning representations to text. train: one example per "
                 "reference; dev/test: one per MR with all references.",
-    splits={"train": P(_e2e, rel="e2e_nlg/trainset.csv", one_per_reference=True),
-            "dev": P(_e2e, rel="e2e_nlg/devset.csv", one_per_reference=False),
-            "test": P(_e2e, rel="e2e_nlg/testset_w_refs.csv", one_per_reference=False)}))
+    splits={s: P(_e2e, rel=f"e2e_nlg/{f}.csv", one_per_reference=s == "train")
+            for s, f in (("train", "trainset"), ("dev", "devset"), ("test", "testset_w_refs"))}))
 register_task(Task(
     name="webnlg", kind="generation", metric="bleu", prompt="Triples: {text}\nText:",
     description="WebNLG 2017 DBpedia triples to text. train: one example per reference; test "
                 "has 5 categories unseen in train (meta['category_seen_in_train']).",
-    splits={"train": P(_webnlg, rel="webnlg2017/train.jsonl", one_per_reference=True),
-            "dev": P(_webnlg, rel="webnlg2017/dev.jsonl", one_per_reference=False),
-            "test": P(_webnlg, rel="webnlg2017/test.jsonl", one_per_reference=False)}))
+    splits={s: P(_webnlg, rel=f"webnlg2017/{s}.jsonl", one_per_reference=s == "train")
+            for s in ("train", "dev", "test")}))
 register_task(Task(
     name="squad", kind="generation", metric="squad",
     prompt="Context: {text_pair}\nQuestion: {text}\nAnswer:",
@@ -410,18 +383,14 @@ register_task(Task(
     splits={"train": P(_alpaca, part="train"), "dev": P(_alpaca, part="dev")}))
 
 
-def _check_ood() -> None:
-    # A typo in an ood name would otherwise only surface at the end of a training run.
-    for task in TASKS.values():
-        for name in task.ood:
-            other = TASKS.get(name)
-            if other is None or (other.kind, other.metric, other.label_names) != \
-                    (task.kind, task.metric, task.label_names):
-                raise ValueError(f"task '{task.name}': ood task '{name}' is unknown or has "
-                                 "different kind/metric/labels")
-
-
-_check_ood()
+# A typo in an ood name would otherwise only surface at the end of a training run.
+for _task in TASKS.values():
+    for _name in _task.ood:
+        _other = TASKS.get(_name)
+        if _other is None or (_other.kind, _other.metric, _other.label_names) != \
+                (_task.kind, _task.metric, _task.label_names):
+            raise ValueError(f"task '{_task.name}': ood task '{_name}' is unknown or has "
+                             "a different kind, metric or labels")
 
 
 # --- user files -------------------------------------------------------------------------------
@@ -451,7 +420,9 @@ def task_from_files(train: str | Path, dev: str | Path | None, text_col: str, la
         examples = tuple(Example(
             text=text_field(r, text_col, path, line),
             text_pair=text_field(r, text_pair_col, path, line) if text_pair_col else None,
-            label=label_index(r, label_col, labels, path, line)) for line, r in rows[split])
+            label=label_index(r, label_col, labels, path, line,
+                              hint=f" (the labels in {files['train'].name})"))
+            for line, r in rows[split])
         splits[split] = P(_given, examples)
     return Task(name=name, kind="pair_classification" if text_pair_col else "classification",
                 label_names=label_names, metric="accuracy",

@@ -1,0 +1,128 @@
+"""The training loop: determinism, exact resume after the process is killed, and 2 processes
+under `accelerate launch` following the 1-process loss trajectory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmadapt
+from conftest import TOY_CLS, TOY_GEN, _toy_examples, make_model, make_tokenizer
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tinyllama")
+    tok = make_tokenizer()
+    m = make_model("llama", len(tok))
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def toy_tsv(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "toy.tsv"
+    p.write_text("sentence\tlabel\n" + "".join(f"{e.text}\t{e.label}\n" for e in _toy_examples(64)))
+    return p
+
+
+def _cli(tiny_dir, toy_tsv, out, *extra):
+    return [str(BIN / "lmadapt"), "train", "--model", str(tiny_dir), "--train", str(toy_tsv), "--dev", str(toy_tsv),
+            "--text-col", "sentence", "--label-col", "label", "--out", str(out), "--no-progress", *extra]
+
+
+def test_same_seed_same_weights():
+    def run():
+        tok = make_tokenizer()
+        torch.manual_seed(0)
+        a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=TOY_CLS, tokenizer=tok, dropout=0.1)
+        lmadapt.train(a, TOY_CLS, max_steps=6, batch_size=8, progress=False)
+        return [p.detach().clone() for p in a.trainable_parameters()]
+    for x, y in zip(run(), run()):
+        assert torch.equal(x, y)
+
+
+def test_loss_decreases_on_generation_task():
+    tok = make_tokenizer()
+    a = lmadapt.attach(make_model("gpt2", len(tok)), "full", tokenizer=tok)
+    r = lmadapt.train(a, TOY_GEN, epochs=6, batch_size=8, lr=3e-3, progress=False, max_new_tokens=6)
+    losses = [h["loss"] for h in r["history"]]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    assert r["metrics"]["dev"]["bleu"] > 30  # it learned the template
+
+
+def test_result_json_fields(tmp_path):
+    tok = make_tokenizer()
+    a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=TOY_CLS, tokenizer=tok)
+    lmadapt.train(a, TOY_CLS, max_steps=3, batch_size=8, progress=False, out=tmp_path / "run", seed=3)
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    for key in ("metrics", "trainable_params", "trainable_percent", "bytes_on_disk", "train_seconds",
+                "peak_memory_mb", "examples_per_second", "model", "task", "method", "shots", "seed", "versions"):
+        assert key in r, key
+    assert r["seed"] == 3 and r["method"] == "lora" and r["task"] == "toy"
+    assert r["bytes_on_disk"] == sum(f.stat().st_size for f in (tmp_path / "run" / "best").iterdir())
+    assert 0 < r["trainable_percent"] < 100
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_dir, toy_tsv, tmp_path):
+    args = ("--method", "lora", "--method-args", "r=4,dropout=0.1", "--max-steps", "120", "--batch-size", "8",
+            "--save-every", "4", "--eval-every", "120")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(_cli(tiny_dir, toy_tsv, tmp_path / "ref", *args), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(tiny_dir, toy_tsv, out, *args), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                step = json.loads(state.read_text())["loop"]["step"]
+            except (json.JSONDecodeError, KeyError, FileNotFoundError):
+                step = 0
+            if step >= 20:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists()
+    r = subprocess.run(_cli(tiny_dir, toy_tsv, out, *args, "--resume"), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout + r.stderr
+    ref, got = load_file(tmp_path / "ref" / "best" / "adapter.safetensors"), load_file(out / "best" / "adapter.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    h_ref = json.loads((tmp_path / "ref" / "result.json").read_text())["history"]
+    h_got = json.loads((out / "result.json").read_text())["history"]
+    assert [h["loss"] for h in h_ref] == [h["loss"] for h in h_got]
+
+
+def test_two_processes_same_trajectory_as_one(tiny_dir, toy_tsv, tmp_path):
+    args = ("--method", "lora", "--max-steps", "6", "--batch-size", "8", "--eval-every", "6")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(_cli(tiny_dir, toy_tsv, tmp_path / "one", *args), env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmadapt"]
+    two = subprocess.run(launch + _cli(tiny_dir, toy_tsv, tmp_path / "two", *args)[1:], env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads((tmp_path / "one" / "result.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert r1["processes"] == 1 and r2["processes"] == 2
+    l1, l2 = [h["loss"] for h in r1["history"]], [h["loss"] for h in r2["history"]]
+    assert len(l1) == len(l2) == 6
+    assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
