@@ -149,8 +149,12 @@ class Adapted(nn.Module):
                              "(a classification task); generation tasks need a causal LM")
         for p in model.parameters():
             p.requires_grad_(False)
+        # Taken before any training: `full` changes the embeddings, yet its artifact still
+        # belongs to this base model.
+        self.base_fingerprint = fingerprint(model)
         self.head = SlotHead(model.config.hidden_size, num_labels, self.slots, head) if num_labels else None
         self.delta = nn.Module()  # method-owned tensors that live outside the model's modules
+        self._num_base = sum(p.numel() for p in model.parameters())  # before inject adds the method's
         method.inject(self)
         self.to(model.device)
 
@@ -255,7 +259,7 @@ class Adapted(nn.Module):
                    for p in self.trainable_parameters())
 
     def num_base(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return self._num_base
 
     @contextlib.contextmanager
     def disabled(self):
@@ -285,7 +289,7 @@ class Adapted(nn.Module):
             "lmadapt_version": __version__,
             "method": self.method.name,
             "args": self.method.to_dict(),
-            "base_model": fingerprint(self.model),
+            "base_model": self.base_fingerprint,
             "head": {"num_labels": self.num_labels, "label_names": self.label_names,
                      "pooling": self.pooling, "layer": self.layer, "kind": self.head_kind},
         }
@@ -300,6 +304,11 @@ class Adapted(nn.Module):
 
     def load_state(self, state: dict[str, torch.Tensor], slot: int = 0) -> None:
         self.method.import_state(self, state, slot)
+
+    def to_peft(self, directory: str | os.PathLike, slot: int = 0, **kw) -> int:
+        """Write one slot in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        from .peft_io import to_peft
+        return to_peft(self, directory, slot, **kw)
 
 
 def write_artifact(directory: Path, state: dict[str, torch.Tensor], meta: dict) -> int:

@@ -56,7 +56,7 @@ def load_adapted(directory, model=None, tokenizer=None, slots: int = 1) -> Adapt
 
 def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, shots=None, seed: int = 0,
           data_root=None, out=None, resume: bool = False, max_train: int | None = None,
-          ood: list[str] | None = None, **config) -> dict:
+          ood: list[str] | None = None, features=None, **config) -> dict:
     """Train on a task's train split (k-shot if `shots`), keep the best dev checkpoint, evaluate
     on dev and on the out-of-domain tasks, and write out/result.json. -> the result dict."""
     from .data import sample_kshot
@@ -71,7 +71,7 @@ def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, sho
         train_examples = [train_examples[i] for i in torch.randperm(len(train_examples), generator=g)[:max_train]]
     if dev_examples is None:
         dev_examples = t.load("dev", data_root)
-    summary = fit(adapted, t, train_examples, dev_examples, cfg, Path(out) if out else None, resume)
+    summary = fit(adapted, t, train_examples, dev_examples, cfg, Path(out) if out else None, resume, features)
     metrics = {"dev": evaluate(adapted, t, examples=dev_examples, batch_size=cfg.eval_batch_size,
                                max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)}
     for name in (ood if ood is not None else list(getattr(t, "ood", ()))):

@@ -169,12 +169,13 @@ def fingerprint(model) -> dict:
     embeddings, so an artifact refuses a model of the same shape but other weights."""
     cfg = model.config
     emb = model.get_input_embeddings().weight.detach()
-    probe = emb[: min(64, emb.shape[0])].double().sum().item()
+    # A model on the meta device (shape only, e.g. for parameter counts) has no values to sum.
+    probe = None if emb.is_meta else round(emb[: min(64, emb.shape[0])].double().sum().item(), 4)
     return {
         "name": getattr(cfg, "lmadapt_name", None) or getattr(cfg, "_name_or_path", "") or cfg.model_type,
         "model_type": cfg.model_type,
         "hidden_size": int(cfg.hidden_size),
         "num_hidden_layers": int(cfg.num_hidden_layers),
         "vocab_size": int(cfg.vocab_size),
-        "embedding_checksum": round(probe, 4),
+        "embedding_checksum": probe,
     }

@@ -67,8 +67,11 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 
 def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path | None = None,
-        resume: bool = False) -> dict:
-    """Train `adapted` in place; -> summary dict (history, best metric, timings, memory)."""
+        resume: bool = False, features=None) -> dict:
+    """Train `adapted` in place; -> summary dict (history, best metric, timings, memory).
+
+    `features` = (train_x, train_y, dev_x, dev_y): precomputed frozen features for a probe (see
+    methods.probe.extract_features), so a sweep over heads does not re-run the backbone."""
     from accelerate import Accelerator
 
     if not train_examples:
@@ -86,7 +89,10 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     frozen = adapted.method.frozen_features
     dev = dev_examples[: cfg.max_eval] if cfg.max_eval else dev_examples
 
-    if frozen:  # probe: features once, then the head trains alone
+    if frozen and features is not None:
+        train_x, train_y, dev_x, dev_y = (t.to(device) if t is not None else None for t in features)
+        module = adapted.head
+    elif frozen:  # probe: features once, then the head trains alone
         train_x, train_y = _features(adapted, task, enc, train_examples, cfg.eval_batch_size)
         dev_x, dev_y = _features(adapted, task, enc, dev, cfg.eval_batch_size) if dev else (None, None)
         module = adapted.head

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import Method, register
 
 
@@ -18,15 +16,8 @@ class Full(Method):
     supports_slots = False
     default_lr = 3e-5
 
+    # Artifacts: Method.export_state stores each Parameter once (named_parameters() skips the
+    # tied LM head, which safetensors would refuse as an alias of the embeddings).
     def inject(self, adapted) -> None:
         for p in adapted.model.parameters():
             p.requires_grad_(True)
-
-    def export_state(self, adapted, slot: int) -> dict[str, torch.Tensor]:
-        # Tied weights (LM head = input embeddings) are stored once: safetensors refuses aliases.
-        seen, out = set(), {}
-        for name, p in adapted.named_parameters(remove_duplicate=False):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out[name] = p
-        return out

@@ -1,0 +1,78 @@
+"""One training configuration in a fresh process: load SmolLM2, attach a method (lmadapt or
+PEFT), run warmup + N optimizer steps of the LM loss on fixed random batches, print JSON with the
+median step time and the peak memory the steps added above the loaded model.
+
+A fresh process per configuration keeps peak-memory readings independent (RSS never shrinks back
+reliably within one process). The benchmark scripts call this and print ratios.
+
+    .venv/bin/python bench/harness.py --impl ours --method lora --steps 10
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+import lmadapt
+from lmadapt.memory import PeakMemory
+
+PEFT_ARGS = {  # matched to lmadapt's defaults for the same method
+    "lora": dict(r=8, lora_alpha=16, lora_dropout=0.0,
+                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "prefix": dict(num_virtual_tokens=10, prefix_projection=True, encoder_hidden_size=512),
+    "prompt": dict(num_virtual_tokens=20),
+}
+OURS_ARGS = {"lora": dict(r=8, alpha=16), "prefix": dict(k=10, prefix_hidden=512, reparam=True),
+             "prompt": dict(k=20, init="random")}
+
+
+def build(impl: str, method: str, model, tok):
+    if impl == "ours":
+        args = OURS_ARGS.get(method, {})
+        return lmadapt.attach(model, method, tokenizer=tok, **args)
+    import peft
+    cfg_cls = {"lora": peft.LoraConfig, "prefix": peft.PrefixTuningConfig, "prompt": peft.PromptTuningConfig}[method]
+    return peft.get_peft_model(model, cfg_cls(task_type="CAUSAL_LM", **PEFT_ARGS[method]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", choices=["ours", "peft"], required=True)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = lmadapt.load(a.model)
+    net = build(a.impl, a.method, model, tok)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(100, model.config.vocab_size, (a.batch, a.seq), generator=g) for _ in range(3)]
+    times = []
+    with PeakMemory() as mem:
+        for i in range(a.warmup + a.steps):
+            ids = batches[i % len(batches)]
+            t = time.perf_counter()
+            loss = net(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= a.warmup:
+                times.append(time.perf_counter() - t)
+    trainable = sum(p.numel() for p in params)
+    print(json.dumps({"impl": a.impl, "method": a.method, "step_seconds": statistics.median(times),
+                      "step_times": times, "added_mb": mem.added_mb, "peak_mb": mem.peak_mb,
+                      "trainable": trainable, "loss": float(loss)}))
+
+
+if __name__ == "__main__":
+    main()

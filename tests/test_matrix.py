@@ -1,0 +1,116 @@
+"""Every registered method x every tiny architecture (LLaMA, GPT-2, BERT): the guarantees each
+method owes, checked the same way for all of them.
+
+- a method that cannot apply to an architecture refuses with a ValueError naming it;
+- after one optimizer step, every base weight is bitwise unchanged (except `full`);
+- save -> load onto a fresh copy of the base gives identical outputs;
+- methods with slots: a batch with mixed slot_ids equals each row run alone with its slot;
+- zero-init methods are the identity at init;
+- causal LMs generate with the method in place.
+"""
+import copy
+
+import pytest
+import torch
+
+import lmadapt
+from lmadapt.methods import METHODS
+from conftest import ARCHS, make_model, make_tokenizer
+
+IDENTITY_AT_INIT = {"lora", "adapter", "bitfit", "intrinsic", "ladder"}
+TEXTS = ["the movie was good", "bad plot", "it was a very fun film and the actor was great"]
+
+
+def _attach(method, arch, **kw):
+    tok = make_tokenizer("encoder" if arch == "bert" else "causal")
+    base = make_model(arch, len(tok))
+    pristine = copy.deepcopy(base)
+    try:
+        a = lmadapt.attach(base, method, tokenizer=tok, **kw)
+    except ValueError as e:
+        assert arch in str(e) or "encoder" in str(e) or "architecture" in str(e) or method in str(e), str(e)
+        pytest.skip(f"{method} refuses {arch}: {e}")
+    return a, pristine, tok
+
+
+def _labels_kw(arch):
+    return {"num_labels": 2}  # classification mode works on every architecture
+
+
+def _randomize(a, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in a.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _out(a, x, **kw):
+    with torch.no_grad():
+        return a(**x, **kw).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_step_leaves_base_untouched(method, arch):
+    a, _, tok = _attach(method, arch, **_labels_kw(arch))
+    base_params = [(p, p.detach().clone()) for p in a.model.parameters() if not p.requires_grad]
+    x = tok(TEXTS, return_tensors="pt", padding=True)
+    opt = torch.optim.AdamW(a.trainable_parameters(), lr=1e-2)
+    a(**x, labels=torch.tensor([1, 0, 1])).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.trainable_parameters())
+    opt.step()
+    if method == "full":
+        assert not base_params  # everything trains
+        return
+    assert base_params and all(torch.equal(p, before) for p, before in base_params)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_save_load_same_outputs(method, arch, tmp_path):
+    a, pristine, tok = _attach(method, arch, **_labels_kw(arch))
+    _randomize(a)
+    a.save(tmp_path / "art")
+    b = lmadapt.load_adapted(tmp_path / "art", model=pristine, tokenizer=tok)
+    x = tok(TEXTS, return_tensors="pt", padding=True)
+    torch.testing.assert_close(_out(a, x), _out(b, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", sorted(m for m, c in METHODS.items() if c.supports_slots))
+def test_mixed_slots_equal_rows_alone(method, arch):
+    a, _, tok = _attach(method, arch, slots=3, **_labels_kw(arch))
+    _randomize(a, seed=1)
+    x = tok(TEXTS, return_tensors="pt", padding=True)
+    ids = torch.tensor([2, 0, 1])
+    mixed = _out(a, x, slot_ids=ids)
+    for i in range(len(TEXTS)):
+        row = tok([TEXTS[i]], return_tensors="pt")
+        torch.testing.assert_close(mixed[i:i + 1], _out(a, row, slot_ids=ids[i:i + 1]), atol=1e-5, rtol=1e-5)
+    # the slots really differ: routing every row to slot 0 changes something
+    assert not torch.allclose(mixed, _out(a, x, slot_ids=torch.zeros(3, dtype=torch.long)), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", sorted(IDENTITY_AT_INIT))
+def test_identity_at_init(method, arch):
+    if method not in METHODS:
+        pytest.skip(f"{method} not registered")
+    a, pristine, tok = _attach(method, arch, **_labels_kw(arch))
+    x = tok(TEXTS, return_tensors="pt", padding=True)
+    pos = (x["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours, _ = a.encode(x["input_ids"], x["attention_mask"], token_type_ids=x.get("token_type_ids"))
+        ref = pristine.base_model(**x, position_ids=pos).last_hidden_state
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "probe"))
+def test_generate_runs(method, arch):
+    a, _, tok = _attach(method, arch)
+    _randomize(a, seed=2)
+    x = tok(["name cafe price cheap", "the movie"], return_tensors="pt", padding=True)
+    new = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=5, eos_token_id=[])
+    assert new.shape == (2, 5)
+    assert all(int(t) < len(tok) for t in new.flatten())
