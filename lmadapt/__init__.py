@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .models import load  # noqa: E402
 from .methods import METHODS, get_method  # noqa: E402
 from .api import attach, load_adapted, train, evaluate, predict  # noqa: E402
+from .peft_io import from_peft  # noqa: E402
 
 
 def __getattr__(name):
@@ -22,4 +23,4 @@ def __getattr__(name):
 
 
 __all__ = ["load", "attach", "load_adapted", "train", "evaluate", "predict", "METHODS", "TASKS",
-           "get_method", "__version__"]
+           "get_method", "from_peft", "__version__"]

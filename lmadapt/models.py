@@ -8,6 +8,7 @@ Nothing is ever downloaded: HF_HUB_OFFLINE is forced on.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import shutil
@@ -109,7 +110,6 @@ def resolve(name_or_path: str) -> tuple[Path, str]:
         mod = importlib.util.find_spec(pkg.module)
         if mod is None:
             raise _missing_package(name_or_path)
-        import importlib
         return Path(importlib.import_module(pkg.module).get_model_path()), pkg.kind
     path = Path(name_or_path).expanduser()
     if not path.is_dir():

@@ -87,8 +87,9 @@ class LoRA(Method):
     name = "lora"
     summary = "low-rank deltas B A on chosen linear layers; mergeable; identity at init"
     default_lr = 5e-4
-    r: int = 8
-    alpha: float = 16.0
+    # r=4 on LLaMA's seven projections is 0.91% of SmolLM2-135M (r=8 would be 1.8%).
+    r: int = 4
+    alpha: float = 8.0
     dropout: float = 0.0
     targets: tuple[str, ...] = field(default=())  # () = the architecture's defaults
 
