@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic import existing_dir, write_dir
 from .models import fingerprint, is_causal
 
 POOLINGS = ("cls", "mean", "last")
@@ -114,6 +113,20 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     else:
         raise ValueError(f"unknown pooling '{mode}'; choose one of: {', '.join(POOLINGS)}")
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx.clamp(0, T - 1)]
+
+
+def _ce_sum(lm_head, h, t):
+    return F.cross_entropy(lm_head(h).float(), t, reduction="sum")
+
+
+def chunked_lm_loss(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Mean cross-entropy of lm_head(h) against t, (N, H) x (N,), one checkpointed chunk at a time."""
+    if not torch.is_grad_enabled() or not h.requires_grad or len(t) <= chunk:
+        return _ce_sum(lm_head, h, t) / len(t)
+    from torch.utils.checkpoint import checkpoint
+    total = sum(checkpoint(_ce_sum, lm_head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+                for i in range(0, len(t), chunk))
+    return total / len(t)
 
 
 @dataclass
@@ -230,12 +243,15 @@ class Adapted(nn.Module):
                                        ignore_index=-100)
             return AdaptedOutput(loss, logits, hidden, cache)
         # Training: project only the positions that predict a target token (often < 1/3 of them),
-        # which saves most of the vocabulary matmul.
+        # which saves most of the vocabulary matmul, and in chunks whose logits are recomputed in
+        # backward, so at most one chunk's (chunk, V) logits is alive: at 8 x 64 tokens and a 49k
+        # vocabulary the full logits, their log-softmax and gradient would be ~300 MB.
         target = labels[:, 1:]
         keep = target != -100
-        logits = lm_head(hidden[:, :-1][keep])                         # (N, V)
-        loss = F.cross_entropy(logits.float(), target[keep]) if keep.any() else hidden.sum() * 0
-        return AdaptedOutput(loss, None, hidden, cache)
+        h, t = hidden[:, :-1][keep], target[keep]                       # (N, H), (N,)
+        if not len(t):
+            return AdaptedOutput(hidden.sum() * 0, None, hidden, cache)
+        return AdaptedOutput(chunked_lm_loss(lm_head, h, t), None, hidden, cache)
 
     def features(self, input_ids, attention_mask=None, token_type_ids=None, slot_ids=None):
         """Pooled representation (B, H) at `self.layer`: what the head sees."""
@@ -312,28 +328,14 @@ class Adapted(nn.Module):
 
 
 def write_artifact(directory: Path, state: dict[str, torch.Tensor], meta: dict) -> int:
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    def write(tmp: Path):
         save_file(state, str(tmp / "adapter.safetensors"))
         (tmp / "method.json").write_text(json.dumps(meta, indent=2))
-        size = sum(f.stat().st_size for f in tmp.iterdir())
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return size
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return write_dir(directory, write)
 
 
 def read_artifact(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    directory = Path(directory)
+    directory = existing_dir(directory) or Path(directory)
     meta_path = directory / "method.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{directory}: not an lmadapt artifact (no method.json)")

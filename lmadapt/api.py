@@ -1,16 +1,14 @@
 """The public API: attach, train, evaluate, predict, load_adapted."""
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .adapted import Adapted, check_base, read_artifact
+from .atomic import write_json
 from .batching import Encoder, is_classification
 from .methods import Method, get_method
 
@@ -22,9 +20,12 @@ def _task(task):
 
 def attach(model, method: str | Method, *, task=None, tokenizer=None, slots: int = 1,
            num_labels: int | None = None, label_names=None, pooling: str | None = None, layer: int = -1,
-           head: str = "linear", **method_args) -> Adapted:
+           head: str = "linear", init_seed: int | None = None, **method_args) -> Adapted:
     """Attach a method to a loaded model. With a classification `task` (or `num_labels`) a head is
-    added; otherwise the model keeps its LM head (generation tasks)."""
+    added; otherwise the model keeps its LM head (generation tasks). `init_seed` fixes the initial
+    weights of the head and the method (a method's own `seed` argument, if any, is separate)."""
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
     m = method if isinstance(method, Method) else get_method(method, **method_args)
     if isinstance(method, Method) and method_args:
         raise ValueError("pass method arguments either in the Method object or as keywords, not both")
@@ -72,8 +73,14 @@ def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, sho
     if dev_examples is None:
         dev_examples = t.load("dev", data_root)
     summary = fit(adapted, t, train_examples, dev_examples, cfg, Path(out) if out else None, resume, features)
-    metrics = {"dev": evaluate(adapted, t, examples=dev_examples, batch_size=cfg.eval_batch_size,
-                               max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)}
+    best = summary["best_eval"]
+    if not dev_examples:
+        metrics = {}
+    elif best is not None:  # the restored best checkpoint was evaluated on the whole dev set already
+        metrics = {"dev": {k: v for k, v in best.items() if k != "step"} | {"n": len(dev_examples)}}
+    else:
+        metrics = {"dev": evaluate(adapted, t, examples=dev_examples, batch_size=cfg.eval_batch_size,
+                                   max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)}
     for name in (ood if ood is not None else list(getattr(t, "ood", ()))):
         metrics[name] = evaluate(adapted, name, split="dev", data_root=data_root,
                                  batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
@@ -116,7 +123,7 @@ def predict(adapted: Adapted, task, examples, batch_size: int = 32, max_new_toke
 
 def build_result(adapted: Adapted, task, metrics: dict, summary: dict, *, shots, seed, n_train, out) -> dict:
     import transformers
-    trainable = adapted.num_trainable()
+    trainable = summary.get("trainable_params") or adapted.num_trainable()
     total = adapted.num_base() + (0 if adapted.method.name == "full" else trainable)
     artifact = Path(out) / "best" if out else None
     return {
@@ -136,16 +143,3 @@ def build_result(adapted: Adapted, task, metrics: dict, summary: dict, *, shots,
         "versions": {"lmadapt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic: a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -3,13 +3,12 @@ safetensors + JSON (no pickle), written to a temp folder and renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .atomic import write_dir
 
 
 def save_checkpoint(directory: Path, named_params: dict[str, torch.Tensor], optimizer, loop_state: dict) -> None:
@@ -29,20 +28,11 @@ def save_checkpoint(directory: Path, named_params: dict[str, torch.Tensor], opti
             tensors[f"rng.cuda{i}"] = s
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     meta = {"loop": loop_state, "param_groups": groups}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+
+    def write(tmp: Path):
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=float))
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dir(directory, write)
 
 
 def load_checkpoint(directory: Path, named_params: dict[str, torch.nn.Parameter], optimizer) -> dict:

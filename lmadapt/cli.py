@@ -44,6 +44,8 @@ def parse_method_args(s: str | None) -> dict:
 def _task_from_args(a):
     from .tasks import get_task, task_from_files
     if getattr(a, "train", None):
+        if not a.dev:
+            raise ValueError("--train needs --dev too (a file to evaluate on and pick the best checkpoint)")
         if not a.text_col or not a.label_col:
             raise ValueError("--train needs --text-col and --label-col (and --text-pair-col for pairs)")
         return task_from_files(a.train, a.dev, a.text_col, a.label_col, text_pair_col=a.text_pair_col)
@@ -60,11 +62,14 @@ def cmd_train(a) -> int:
     shots = parse_shots(a.shots)
     for split in ("train", "dev"):  # bad data fails here, before minutes of model loading
         task.load(split, a.data_root)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    method_args = parse_method_args(a.method_args)
+    lmadapt.get_method(a.method, **method_args)  # bad method arguments fail before the model loads
     model, tok = lmadapt.load(a.model)
-    import torch
-    torch.manual_seed(a.seed)  # the method's initial weights depend on the seed, not on luck
     adapted = lmadapt.attach(model, a.method, task=task, tokenizer=tok, pooling=a.pooling, layer=a.layer,
-                             head=a.head, **parse_method_args(a.method_args))
+                             head=a.head, init_seed=a.seed, **method_args)
     cfg_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = {k: v for k, v in vars(a).items() if k in cfg_fields and v is not None and k != "seed"}
     cfg["progress"] = not a.no_progress
@@ -87,7 +92,7 @@ def _load_run(run: str):
 
 def cmd_eval(a) -> int:
     import lmadapt
-    from .api import write_json
+    from .atomic import write_json
     adapted = _load_run(a.run)
     task = _task_from_args(a) if (a.task or a.train) else None
     if task is None:

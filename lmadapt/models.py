@@ -142,8 +142,11 @@ def load(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device | None
 
     path, kind = resolve(name_or_path)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        model = cls.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot load the model or its tokenizer ({str(e).splitlines()[0]})") from None
     prepare_tokenizer(tok, kind)
     model.config.lmadapt_name = str(name_or_path)  # remembered in artifacts' method.json
     model.to(device or default_device())
@@ -169,8 +172,13 @@ def fingerprint(model) -> dict:
     embeddings, so an artifact refuses a model of the same shape but other weights."""
     cfg = model.config
     emb = model.get_input_embeddings().weight.detach()
-    # A model on the meta device (shape only, e.g. for parameter counts) has no values to sum.
-    probe = None if emb.is_meta else round(emb[: min(64, emb.shape[0])].double().sum().item(), 4)
+    # A strided sample of the embeddings and of the last block's weights (a model that shares
+    # the embeddings but was fine-tuned elsewhere differs there). None on the meta device.
+    probe = None
+    if not emb.is_meta:
+        last = [p for p in model.base_model.parameters() if p.dim() == 2][-1].detach()
+        sample = torch.cat([emb.flatten()[:: max(1, emb.numel() // 4096)], last.flatten()[:: max(1, last.numel() // 4096)]])
+        probe = round(sample.double().abs().sum().item() + sample.double().sum().item(), 4)
     return {
         "name": getattr(cfg, "lmadapt_name", None) or getattr(cfg, "_name_or_path", "") or cfg.model_type,
         "model_type": cfg.model_type,

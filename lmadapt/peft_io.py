@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .arch import is_linear_like, kv_shape
+from .atomic import write_file
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"lora": "LORA", "prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING",
@@ -203,18 +202,7 @@ def to_peft(adapted, directory, slot: int = 0, drop_head: bool = False) -> int:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic(d / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    write_file(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_file(d / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return (d / WEIGHTS).stat().st_size + (d / CONFIG).stat().st_size
 
-
-def _atomic(path: Path, write) -> None:
-    """Write to a temp file in the same folder, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import Encoder, is_classification
+from .atomic import existing_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluation import evaluate_examples, metric_value
 from .memory import PeakMemory
@@ -46,8 +47,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be >= 1")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -59,11 +61,21 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Always `batch_size` indices: an epoch's last, short batch is filled from the start of the
+    same epoch's permutation, so every process gets an equal, non-empty share."""
     per_epoch = math.ceil(n / batch_size)
     epoch, k = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+    perm = torch.randperm(n, generator=g).tolist()
+    idx = perm[k * batch_size:(k + 1) * batch_size]
+    while len(idx) < batch_size:
+        idx += perm[: batch_size - len(idx)]
+    return idx
+
+
+# What must not change between a run and its --resume (the data order and schedule depend on it).
+RESUME_KEYS = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
+               "max_grad_norm", "seed", "max_length", "max_target_length")
 
 
 def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path | None = None,
@@ -114,50 +126,68 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     save_every = cfg.save_every or eval_every
     ckpt_dir = Path(out) / "checkpoint" if out else None
 
-    state = {"step": 0, "best": None, "best_step": None, "history": [], "evals": [], "train_seconds": 0.0}
-    if resume and ckpt_dir and (ckpt_dir / "state.json").exists():
-        state = load_checkpoint(ckpt_dir, named, optimizer)
-        scheduler.last_epoch = state["step"]
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        acc.print(f"resumed from {ckpt_dir} at step {state['step']}/{total}")
+    trainable_params = adapted.num_trainable()  # before a fold on restore (ptuning, prefix) shrinks it
+    state = {"step": 0, "best": None, "best_step": None, "history": [], "evals": [], "train_seconds": 0.0,
+             "examples": 0, "config": asdict(cfg), "n_train": n}
+    if resume and ckpt_dir:
+        found = existing_dir(ckpt_dir)
+        if found is None or not (found / "state.json").exists():
+            acc.print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
+        else:
+            state = load_checkpoint(found, named, optimizer)
+            _check_same_run(state, cfg, n, found)
+            scheduler.last_epoch = state["step"]
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+            acc.print(f"resumed from {found} at step {state['step']}/{total}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
+    # Loss weights: a chunk's mean loss counts by its share of the GLOBAL batch — examples for
+    # classification, target tokens for generation — times `world`, since DDP averages gradients.
+    # So 1 process, 2 processes and any grad_accum give the same gradient.
+    if frozen:
+        weight_of = [1] * n
+    else:
+        weight_of = [sum(1 for t in f["labels"][1:] if t != -100) if isinstance(f["labels"], list) else 1
+                     for f in feats]
 
     def loss_of(idx: list[int]) -> torch.Tensor:
         if frozen:
             return F.cross_entropy(wrapped(train_x[idx]).float(), train_y[idx])
         batch = enc.collate([feats[i] for i in idx], device)
         return wrapped(**batch).loss
+    best_in_memory = None
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=state["step"], disable=not (cfg.progress and acc.is_main_process),
                desc=f"{adapted.method.name}/{task.name}", dynamic_ncols=True)
     t_start = time.perf_counter()
-    examples_seen = 0
+    start = state["step"]
     with PeakMemory() as mem:
         for step in range(state["step"], total):
             wrapped.train()
             idx = _batch_indices(step, n, cfg.batch_size, cfg.seed)
             mine = idx[rank::world]                      # this process's share of the global batch
-            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)] or [mine]
+            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+            total_weight = max(1, sum(weight_of[i] for i in idx))
             step_loss = torch.zeros((), device=device)
             for j, chunk in enumerate(chunks):
                 sync = j == len(chunks) - 1
                 ctx = acc.no_sync(wrapped) if not sync and world > 1 else _nullctx()
+                share = sum(weight_of[i] for i in chunk) / total_weight
                 with ctx:
-                    loss = loss_of(chunk) * (len(chunk) / len(mine))
+                    loss = loss_of(chunk) * (share * world)
                     acc.backward(loss)
-                step_loss += loss.detach()
+                step_loss += loss.detach() / world
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            examples_seen += len(idx)
-            mean_loss = acc.reduce(step_loss, "mean").item()
+            state["examples"] += len(idx)
+            mean_loss = acc.reduce(step_loss, "sum").item()
             state["history"].append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
             state["step"] = step + 1
             elapsed = time.perf_counter() - t_start
-            bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{examples_seen / max(elapsed, 1e-9):.1f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{len(idx) * (step + 1 - start) / max(elapsed, 1e-9):.1f}")
             bar.update(1)
             last = state["step"] == total
             if dev and (state["step"] % eval_every == 0 or last):
@@ -169,7 +199,10 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
                     state["best"], state["best_step"] = value, state["step"]
                     if out and acc.is_main_process:
                         adapted.save(Path(out) / "best")
-                acc.print(f"step {state['step']}: dev {task.metric} = {value:.4f} (best {state['best']:.4f})")
+                    elif not out:
+                        best_in_memory = {k: p.detach().clone() for k, p in named.items()}
+                if cfg.progress:
+                    acc.print(f"step {state['step']}: dev {task.metric} = {value:.4f} (best {state['best']:.4f})")
             if ckpt_dir and acc.is_main_process and (state["step"] % save_every == 0 or last):
                 state["train_seconds"] += time.perf_counter() - t_start
                 t_start = time.perf_counter()
@@ -177,19 +210,40 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
             acc.wait_for_everyone()
     bar.close()
     state["train_seconds"] += time.perf_counter() - t_start
-    if out and acc.is_main_process and (Path(out) / "best").exists():
+    # Finish on the best dev checkpoint, on every process.
+    if out and state["best_step"] is not None:
+        acc.wait_for_everyone()
         from .adapted import read_artifact
         _, best_state = read_artifact(Path(out) / "best")
-        adapted.load_state(best_state)  # finish on the best dev checkpoint
-    elif out and acc.is_main_process:
+        adapted.load_state(best_state)
+    elif best_in_memory is not None:
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(best_in_memory[k])
+    elif out and acc.is_main_process:  # no dev set: the last weights are the result
         adapted.save(Path(out) / "best")
     acc.wait_for_everyone()
+    best_eval = next((e for e in state["evals"] if e["step"] == state["best_step"]), None)
     return {
         "steps": total, "lr": lr, "config": asdict(cfg), "history": state["history"], "evals": state["evals"],
         "best_dev": state["best"], "best_step": state["best_step"], "processes": world,
-        "train_seconds": state["train_seconds"], "examples_per_second": examples_seen / max(state["train_seconds"], 1e-9),
+        "best_eval": best_eval if len(dev) == len(dev_examples) else None,
+        "trainable_params": trainable_params,
+        "train_seconds": state["train_seconds"],
+        "examples_per_second": state["examples"] / max(state["train_seconds"], 1e-9),
         "peak_memory_mb": mem.peak_mb, "added_memory_mb": mem.added_mb,
     }
+
+
+def _check_same_run(state: dict, cfg: TrainConfig, n: int, where: Path) -> None:
+    saved = state.get("config", {})
+    now = asdict(cfg)
+    diff = [f"{k} ({saved.get(k)} -> {now[k]})" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if state.get("n_train") != n:
+        diff.append(f"training examples ({state.get('n_train')} -> {n})")
+    if diff:
+        raise ValueError(f"{where}: --resume with other settings than the interrupted run: {', '.join(diff)}; "
+                         "resume with the same settings, or train into a new --out")
 
 
 class _nullctx:

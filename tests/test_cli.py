@@ -24,6 +24,8 @@ def tiny_dir(tmp_path_factory):
 def _run(capsys, *argv):
     code = main(list(argv))
     err = capsys.readouterr().err
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("lmadapt: error: "), err  # one line, no traceback
     return code, err
 
 
@@ -79,6 +81,22 @@ def test_unknown_names(tmp_path, capsys, tiny_dir):
     code, err = _run(capsys, "train", "--model", str(tiny_dir), "--task", "sst2", "--method", "lora2",
                      "--out", str(tmp_path / "o"))
     assert code == 2 and "unknown method 'lora2'; choose one of:" in err
+
+
+def test_bad_method_args_and_out(tmp_path, capsys, tiny_dir):
+    p = tmp_path / "toy.tsv"
+    p.write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    code, err = _run(capsys, *_train_file(tiny_dir, p, extra=("--method", "lora", "--method-args", "r=abc")))
+    assert code == 2 and "method 'lora': r must be int, got 'abc'" in err
+    code, err = _run(capsys, *_train_file(tiny_dir, p, extra=("--method", "adapter", "--method-args", "bottleneck=2.5")))
+    assert code == 2 and "bottleneck must be int, got 2.5" in err
+    (tmp_path / "afile").write_text("x")
+    code, err = _run(capsys, "train", "--model", str(tiny_dir), "--train", str(p), "--dev", str(p), "--text-col",
+                     "sentence", "--label-col", "label", "--out", str(tmp_path / "afile"))
+    assert code == 2 and "afile: exists and is not a folder" in err
+    code, err = _run(capsys, "train", "--model", str(tiny_dir), "--train", str(p), "--text-col", "sentence",
+                     "--label-col", "label", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--train needs --dev" in err
 
 
 def test_method_args_parsing():

@@ -21,16 +21,20 @@ IDENTITY_AT_INIT = {"lora", "adapter", "bitfit", "intrinsic", "ladder"}
 TEXTS = ["the movie was good", "bad plot", "it was a very fun film and the actor was great"]
 
 
+# (method, arch) pairs that must refuse, and the words their error names. Every other pair must
+# attach: nothing is skipped silently.
+REFUSES: dict[tuple[str, str], str] = {}
+
+
 def _attach(method, arch, **kw):
     tok = make_tokenizer("encoder" if arch == "bert" else "causal")
     base = make_model(arch, len(tok))
     pristine = copy.deepcopy(base)
-    try:
-        a = lmadapt.attach(base, method, tokenizer=tok, **kw)
-    except ValueError as e:
-        assert arch in str(e) or "encoder" in str(e) or "architecture" in str(e) or method in str(e), str(e)
-        pytest.skip(f"{method} refuses {arch}: {e}")
-    return a, pristine, tok
+    if (method, arch) in REFUSES:
+        with pytest.raises(ValueError, match=REFUSES[(method, arch)]):
+            lmadapt.attach(base, method, tokenizer=tok, **kw)
+        pytest.skip("refused as expected")
+    return lmadapt.attach(base, method, tokenizer=tok, **kw), pristine, tok
 
 
 def _labels_kw(arch):
@@ -107,10 +111,27 @@ def test_identity_at_init(method, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "probe"))
-def test_generate_runs(method, arch):
+def test_generate_left_padded_equals_rows_alone(method, arch):
+    """KV-cache decoding with the method in place; explicit positions make a left-padded batch
+    decode exactly like each row alone."""
     a, _, tok = _attach(method, arch)
     _randomize(a, seed=2)
-    x = tok(["name cafe price cheap", "the movie"], return_tensors="pt", padding=True)
+    texts = ["name cafe price cheap", "the movie"]
+    x = tok(texts, return_tensors="pt", padding=True)
     new = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=5, eos_token_id=[])
     assert new.shape == (2, 5)
-    assert all(int(t) < len(tok) for t in new.flatten())
+    for i, t in enumerate(texts):
+        one = tok([t], return_tensors="pt")
+        assert new[i].tolist() == a.generate(one["input_ids"], max_new_tokens=5, eos_token_id=[])[0].tolist()
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "bitfit", "intrinsic"])
+def test_unsupported_architecture_is_refused(method):
+    """A model type missing from lmadapt.arch.ARCHS: methods that need its module names refuse,
+    naming the architecture and the fix."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    tok = make_tokenizer()
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4))
+    with pytest.raises(ValueError, match="gpt_neox"):
+        lmadapt.attach(model, method, tokenizer=tok)

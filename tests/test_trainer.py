@@ -126,3 +126,96 @@ def test_two_processes_same_trajectory_as_one(tiny_dir, toy_tsv, tmp_path):
     l1, l2 = [h["loss"] for h in r1["history"]], [h["loss"] for h in r2["history"]]
     assert len(l1) == len(l2) == 6
     assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
+
+
+def _gen_params(grad_accum, **kw):
+    tok = make_tokenizer()
+    a = lmadapt.attach(make_model("gpt2", len(tok)), "lora", tokenizer=tok, init_seed=0)
+    exs = TOY_GEN.load("train")[:11]
+    r = lmadapt.train(a, TOY_GEN, train_examples=exs, dev_examples=[], max_steps=3, batch_size=4,
+                      grad_accum=grad_accum, progress=False, **kw)
+    return [p.detach().clone() for p in a.trainable_parameters()], r
+
+
+def test_grad_accum_equals_one_big_batch():
+    """Token-weighted: micro-batches with different numbers of target tokens still add up to the
+    gradient of the whole batch (a per-chunk mean weighted by examples would not)."""
+    p1, r1 = _gen_params(1)
+    p2, r2 = _gen_params(2)
+    assert [h["loss"] for h in r1["history"]] == pytest.approx([h["loss"] for h in r2["history"]], rel=1e-5)
+    for x, y in zip(p1, p2):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_warmup_then_linear_decay():
+    tok = make_tokenizer()
+    a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=TOY_CLS, tokenizer=tok)
+    r = lmadapt.train(a, TOY_CLS, max_steps=10, batch_size=8, lr=1e-2, warmup_ratio=0.2, progress=False)
+    # the lr after each step (the next step's): steps 0, 1 warm up at 0.5e-2 and 1e-2 (no wasted
+    # zero-lr step), then linear decay over the remaining 8 steps to 0
+    lrs = [h["lr"] / 1e-2 for h in r["history"]]
+    assert lrs == pytest.approx([1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0])
+
+
+@pytest.mark.parametrize("with_out", [True, False])
+def test_finishes_on_the_best_dev_checkpoint(tmp_path, with_out):
+    tok = make_tokenizer()
+    a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=TOY_CLS, tokenizer=tok, init_seed=0)
+    r = lmadapt.train(a, TOY_CLS, max_steps=12, batch_size=8, lr=5e-2, eval_every=1, progress=False,
+                      out=tmp_path / "run" if with_out else None)
+    best = max(r["evals"], key=lambda e: e["accuracy"])
+    assert r["best_step"] == min(e["step"] for e in r["evals"] if e["accuracy"] == best["accuracy"])
+    again = lmadapt.evaluate(a, TOY_CLS)   # the weights in memory are the best step's, not the last's
+    assert again["accuracy"] == best["accuracy"] == r["metrics"]["dev"]["accuracy"]
+    if with_out:
+        saved = load_file(tmp_path / "run" / "best" / "adapter.safetensors")
+        live = dict(a.named_parameters())
+        assert all(torch.equal(v, live[k][0] if getattr(live[k], "lmadapt_slotted", False) else live[k])
+                   for k, v in saved.items())
+
+
+def test_resume_refuses_other_settings(tiny_dir, toy_tsv, tmp_path):
+    args = ("--method", "lora", "--max-steps", "4", "--batch-size", "8", "--save-every", "2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(_cli(tiny_dir, toy_tsv, tmp_path / "r", *args), check=True, env=env, capture_output=True)
+    r = subprocess.run(_cli(tiny_dir, toy_tsv, tmp_path / "r", "--method", "lora", "--max-steps", "4",
+                            "--batch-size", "16", "--resume"), env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "batch_size (8 -> 16)" in r.stderr
+
+
+LAUNCHED = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import lmadapt
+from conftest import TOY_CLS, TOY_GEN, make_model, make_tokenizer
+from lmadapt.api import is_main_process
+tok = make_tokenizer()
+out = {{}}
+for name, task, n, arch in (("gen", TOY_GEN, 11, "gpt2"), ("cls", TOY_CLS, 9, "llama")):
+    a = lmadapt.attach(make_model(arch, len(tok)), "lora", tokenizer=tok, init_seed=0,
+                       **({{"task": task}} if task is TOY_CLS else {{}}))
+    r = lmadapt.train(a, task, train_examples=task.load("train")[:n], dev_examples=[], max_steps=5,
+                      batch_size=4, progress=False)
+    out[name] = [h["loss"] for h in r["history"]]
+if is_main_process():
+    json.dump(out, open({path!r}, "w"))
+"""
+
+
+def test_two_processes_uneven_and_generation(tmp_path):
+    """Last batch not divisible, variable target lengths: 2 processes still follow 1 process."""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for procs in (1, 2):
+        script = tmp_path / f"run{procs}.py"
+        script.write_text(LAUNCHED.format(tests=tests, path=str(tmp_path / f"out{procs}.json")))
+        launch = [str(BIN / "accelerate"), "launch", "--num_processes", str(procs), "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"] + (["--multi_gpu"] if procs > 1 else ["--cpu"])
+        r = subprocess.run(launch + [str(script)], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"out{p}.json").read_text()) for p in (1, 2))
+    for name in ("gen", "cls"):
+        assert len(one[name]) == 5
+        assert one[name] == pytest.approx(two[name], rel=1e-5, abs=1e-6), name

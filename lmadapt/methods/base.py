@@ -30,7 +30,26 @@ def get_method(name: str, **args) -> "Method":
     if bad:
         raise ValueError(f"method '{name}' has no argument {', '.join(repr(b) for b in bad)}; "
                          f"valid arguments: {', '.join(sorted(fields)) or '(none)'}")
-    return cls(**args)
+    return cls(**{k: _coerce(name, f, args[k]) for k, f in
+                  ((f.name, f) for f in dataclasses.fields(cls)) if k in args})
+
+
+def _coerce(method: str, field: dataclasses.Field, value):
+    """Check a value against the field's declared type: `r=abc` is an error naming the field."""
+    kind = str(field.type)
+    default = field.default
+    want = (bool if "bool" in kind else int if kind.startswith("int") else float if kind.startswith("float")
+            else type(default) if default not in (None, dataclasses.MISSING) and not isinstance(default, tuple)
+            else None)
+    if value is None and "None" in kind:
+        return None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is not None and not (isinstance(value, want) and not (want is int and isinstance(value, bool))):
+        raise ValueError(f"method '{method}': {field.name} must be {want.__name__}, got {value!r}")
+    if "tuple" in kind and isinstance(value, str):
+        return tuple(v for v in value.replace("+", ",").split(",") if v)
+    return value
 
 
 @dataclass(frozen=True)
