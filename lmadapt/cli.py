@@ -161,8 +161,9 @@ def cmd_methods(a) -> int:
     for name, cls in sorted(METHODS.items()):
         args = ", ".join(f"{f.name}={f.default if f.default is not dataclasses.MISSING else '?'}"
                          for f in dataclasses.fields(cls))
-        rows.append([name, cls.summary, args or "-", "yes" if cls.supports_slots else "no"])
-    print(_table(rows, ["method", "what", "args (defaults)", "slots"]))
+        rows.append([name, cls.summary, args or "-", "yes" if cls.supports_slots else "no",
+                     f"{cls.default_lr:g}", f"{cls.default_epochs:g}"])
+    print(_table(rows, ["method", "what", "args (defaults)", "slots", "lr", "epochs"]))
     return 0
 
 
@@ -211,16 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method-args", help="k=v,... e.g. r=8,alpha=16,targets=q_proj+v_proj")
     t.add_argument("--shots", default="full", help="examples per class (k-shot, class-balanced) or 'full'")
     t.add_argument("--max-train", type=int, help="random subset of the training set of this size")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seeds the data order, k-shot sample and initial weights (0)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a crash")
     t.add_argument("--pooling", choices=["cls", "mean", "last"], help="classification pooling (default last/mean)")
     t.add_argument("--layer", type=int, default=-1, help="hidden layer fed to the head (default -1: last)")
-    t.add_argument("--head", choices=["linear", "mlp"], default="linear")
-    for name, typ in [("lr", float), ("epochs", float), ("max-steps", int), ("batch-size", int),
-                      ("grad-accum", int), ("eval-every", int), ("save-every", int), ("max-length", int),
-                      ("max-eval", int), ("warmup-ratio", float), ("weight-decay", float)]:
-        t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--head", choices=["linear", "mlp"], default="linear", help="classification head (linear)")
+    g = t.add_argument_group("optimization (defaults: the method's own, see `lmadapt methods`)")
+    for name, typ, text in [
+            ("lr", float, "peak learning rate of AdamW (default: the method's)"),
+            ("epochs", float, "passes over the training set (default: the method's, e.g. 1; probe 30)"),
+            ("max-steps", int, "optimizer steps; overrides --epochs"),
+            ("batch-size", int, "GLOBAL examples per optimizer step, across processes and accumulation (8)"),
+            ("grad-accum", int, "micro-batches per optimizer step (1)"),
+            ("warmup-ratio", float, "fraction of steps with linear warmup (0.06), then linear decay to 0"),
+            ("weight-decay", float, "AdamW weight decay (0)"),
+            ("eval-every", int, "steps between dev evaluations; the best is kept (default: once per epoch)"),
+            ("save-every", int, "steps between resumable checkpoints (default: --eval-every)"),
+            ("max-length", int, "tokens per input, longer ones truncated (128)"),
+            ("max-eval", int, "dev examples used for evaluations during training (default: all)")]:
+        g.add_argument(f"--{name}", type=typ, help=text)
     t.add_argument("--ood", help="comma-separated out-of-domain tasks to evaluate (default: the task's own)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
