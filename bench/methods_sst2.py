@@ -36,7 +36,7 @@ def run(method, a, train, dev, ood):
                           out=out, batch_size=16, max_length=64, eval_batch_size=32, progress=False,
                           **({} if method == "probe" else {"epochs": 1}))
         wall = time.perf_counter() - t
-    imdb = lmadapt.evaluate(adapted, "imdb", examples=ood, max_length=192, batch_size=16)
+    imdb = lmadapt.evaluate(adapted, "imdb", examples=ood, max_length=128, batch_size=16)
     row = {"method": method, "sst2_dev": r["metrics"]["dev"]["accuracy"], "imdb": imdb["accuracy"],
            "trainable_percent": r["trainable_percent"], "trainable_params": r["trainable_params"],
            "bytes_on_disk": r["bytes_on_disk"], "train_seconds": r["train_seconds"], "wall_seconds": wall,

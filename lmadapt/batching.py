@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-CLASSIFICATION_KINDS = ("classification", "pair_classification")
+from .tasks import CLASSIFICATION_KINDS
 
 
 def is_classification(task) -> bool:

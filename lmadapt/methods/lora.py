@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapted import Slots, slotted
-from ..arch import arch_of, is_linear_like, linear_shape
+from ..arch import arch_of, is_linear_like, linear_shape, set_path
 from .base import Method, register
 
 
@@ -76,11 +76,6 @@ def find_targets(model: nn.Module, targets: tuple[str, ...], method: str) -> lis
     return names
 
 
-def replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.base_model.get_submodule(parent) if parent else model.base_model, leaf, new)
-
-
 @register
 @dataclass(frozen=True)
 class LoRA(Method):
@@ -107,7 +102,7 @@ class LoRA(Method):
         model = adapted.model
         for name in find_targets(model, self.target_names(model), self.name):
             base = model.base_model.get_submodule(name)
-            replace(model, name, LoRALinear(base, self.r, self.alpha, self.dropout, adapted.slots))
+            set_path(model.base_model, name, LoRALinear(base, self.r, self.alpha, self.dropout, adapted.slots))
 
     def layers(self, adapted):
         return [m for m in adapted.model.modules() if isinstance(m, LoRALinear)]
