@@ -115,18 +115,55 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx.clamp(0, T - 1)]
 
 
-def _ce_sum(lm_head, h, t):
-    return F.cross_entropy(lm_head(h).float(), t, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h W^T + b) against t without ever holding the (N, V) logits.
+
+    The forward pass walks over chunks of rows: logits of one chunk, its loss, and at once its
+    gradients (softmax - onehot) W and (softmax - onehot)^T h, so backward only scales them. Same
+    FLOPs as the unfused path (no recomputation); at 8 x 64 tokens and a 49k vocabulary the
+    unfused logits, log-softmax and their gradient would hold ~300 MB.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, t, chunk):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = len(t)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for i in range(0, n, chunk):
+            hc, tc = h[i:i + chunk], t[i:i + chunk]
+            logits = F.linear(hc, weight, bias).float()                 # (c, V)
+            lse = logits.logsumexp(-1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                p = logits.sub_(lse[:, None]).exp_()                     # softmax, in place
+                p[torch.arange(len(tc), device=p.device), tc] -= 1       # d loss / d logits
+                if need_h:
+                    gh[i:i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
+                if need_w:
+                    gw += p.T @ hc.float()
+                if need_b:
+                    gb += p.sum(0)
+        ctx.n, ctx.w_dtype = n, weight.dtype
+        ctx.save_for_backward(gh, gw, gb)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw, gb = ctx.saved_tensors
+        scale = grad / ctx.n
+        return (gh * scale.to(gh.dtype) if gh is not None else None,
+                (gw * scale).to(ctx.w_dtype) if gw is not None else None,
+                (gb * scale).to(ctx.w_dtype) if gb is not None else None, None, None)
 
 
-def chunked_lm_loss(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Mean cross-entropy of lm_head(h) against t, (N, H) x (N,), one checkpointed chunk at a time."""
-    if not torch.is_grad_enabled() or not h.requires_grad or len(t) <= chunk:
-        return _ce_sum(lm_head, h, t) / len(t)
-    from torch.utils.checkpoint import checkpoint
-    total = sum(checkpoint(_ce_sum, lm_head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False)
-                for i in range(0, len(t), chunk))
-    return total / len(t)
+def linear_cross_entropy(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Mean cross-entropy of lm_head(h) against t: (N, H), (N,) -> scalar, chunked and fused."""
+    if not isinstance(lm_head, nn.Linear):  # any other head: the plain path
+        return F.cross_entropy(lm_head(h).float(), t)
+    return _LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, t, chunk)
 
 
 @dataclass
@@ -243,15 +280,14 @@ class Adapted(nn.Module):
                                        ignore_index=-100)
             return AdaptedOutput(loss, logits, hidden, cache)
         # Training: project only the positions that predict a target token (often < 1/3 of them),
-        # which saves most of the vocabulary matmul, and in chunks whose logits are recomputed in
-        # backward, so at most one chunk's (chunk, V) logits is alive: at 8 x 64 tokens and a 49k
-        # vocabulary the full logits, their log-softmax and gradient would be ~300 MB.
+        # which saves most of the vocabulary matmul, with a fused linear + cross-entropy that never
+        # holds all the logits.
         target = labels[:, 1:]
         keep = target != -100
         h, t = hidden[:, :-1][keep], target[keep]                       # (N, H), (N,)
         if not len(t):
             return AdaptedOutput(hidden.sum() * 0, None, hidden, cache)
-        return AdaptedOutput(chunked_lm_loss(lm_head, h, t), None, hidden, cache)
+        return AdaptedOutput(linear_cross_entropy(lm_head, h, t), None, hidden, cache)
 
     def features(self, input_ids, attention_mask=None, token_type_ids=None, slot_ids=None):
         """Pooled representation (B, H) at `self.layer`: what the head sees."""
