@@ -58,7 +58,8 @@ def main():
     print(_table([[r["method"], f"{r['sst2_dev']:.1f}", f"{r['imdb']:.1f}", f"{r['trainable_percent']:.4f}%",
                    f"{r['train_seconds']:.0f}s", f"{r['peak_memory_mb']:.0f} MB"] for r in rows],
                  ["method", "SST-2 dev acc", "IMDB acc", "trainable", "train time", "peak RSS"]))
-    print(f"\nratios probe/full: train time {p['train_seconds'] / f['train_seconds']:.3f}, "
+    print(f"\nratios probe/full: train time {p['train_seconds'] / f['train_seconds']:.3f} "
+          f"(wall, incl. evaluation: {p['wall_seconds'] / f['wall_seconds']:.3f}), "
           f"peak memory {p['peak_memory_mb'] / f['peak_memory_mb']:.3f}")
     if a.json:
         with open(a.json, "w") as fh:

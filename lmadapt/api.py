@@ -124,7 +124,8 @@ def predict(adapted: Adapted, task, examples, batch_size: int = 32, max_new_toke
 def build_result(adapted: Adapted, task, metrics: dict, summary: dict, *, shots, seed, n_train, out) -> dict:
     import transformers
     trainable = summary.get("trainable_params") or adapted.num_trainable()
-    total = adapted.num_base() + (0 if adapted.method.name == "full" else trainable)
+    # full: the base weights are among the trainable ones (plus the head): 100%
+    total = trainable if adapted.method.name == "full" else adapted.num_base() + trainable
     artifact = Path(out) / "best" if out else None
     return {
         "model": adapted.model.config.lmadapt_name if hasattr(adapted.model.config, "lmadapt_name")

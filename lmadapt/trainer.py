@@ -101,6 +101,7 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     frozen = adapted.method.frozen_features
     dev = dev_examples[: cfg.max_eval] if cfg.max_eval else dev_examples
 
+    t_features = time.perf_counter()  # a probe's backbone pass is part of its training cost
     if frozen and features is not None:
         train_x, train_y, dev_x, dev_y = (t.to(device) if t is not None else None for t in features)
         module = adapted.head
@@ -127,7 +128,8 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     ckpt_dir = Path(out) / "checkpoint" if out else None
 
     trainable_params = adapted.num_trainable()  # before a fold on restore (ptuning, prefix) shrinks it
-    state = {"step": 0, "best": None, "best_step": None, "history": [], "evals": [], "train_seconds": 0.0,
+    state = {"step": 0, "best": None, "best_step": None, "history": [], "evals": [],
+             "train_seconds": time.perf_counter() - t_features if frozen else 0.0,
              "examples": 0, "config": asdict(cfg), "n_train": n}
     if resume and ckpt_dir:
         found = existing_dir(ckpt_dir)
