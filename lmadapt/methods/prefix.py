@@ -157,24 +157,10 @@ class Prefix(Method):
 
 @register
 @dataclass(frozen=True)
-class PTuning2(Method):
+class PTuning2(Prefix):
+    """The same key/value prefix mechanism with P-tuning v2's defaults: longer, trained directly."""
     name = "ptuning2"
     summary = "P-tuning v2: deep prompts (k key/value positions) in every layer, trained directly"
     default_lr = 5e-3        # P-tuning v2 used 5e-3 .. 1e-2
-    default_epochs = 3.0
     k: int = 20
     reparam: bool = False
-    prefix_hidden: int = 64
-    init_text: str | None = None
-
-    def __post_init__(self):
-        _check_prefix(self)
-
-    def inject(self, adapted) -> None:
-        inject_prefix(self, adapted)
-
-    def export_state(self, adapted, slot: int) -> dict[str, torch.Tensor]:
-        return export_folded(self, adapted, slot)
-
-    def import_state(self, adapted, state: dict[str, torch.Tensor], slot: int) -> None:
-        import_folded(self, adapted, state, slot)
