@@ -21,7 +21,7 @@ import torch
 
 import lmadapt
 from lmadapt.cli import _table
-from lmadapt.tasks import get_task
+from sst2_split import sst2_split
 
 ALL = "probe,full,lora,adapter,bitfit,prompt,ptuning,prefix,ptuning2,ladder,intrinsic"
 
@@ -54,13 +54,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows here as well")
     a = ap.parse_args()
-    g = torch.Generator().manual_seed(a.seed)
-    sst2, imdb = get_task("sst2"), get_task("imdb")
-    full = sst2.load("train")
-    train = [full[i] for i in torch.randperm(len(full), generator=g)[: a.n_train].tolist()]
-    dev = sst2.load("dev")
-    ood_all = imdb.load("dev")
-    ood = [ood_all[i] for i in torch.randperm(len(ood_all), generator=g)[: a.n_ood].tolist()]
+    train, dev, ood = sst2_split(a.n_train, a.n_ood, a.seed)
     rows = []
     for m in a.methods.split(","):
         rows.append(run(m, a, train, dev, ood))
