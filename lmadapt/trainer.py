@@ -10,7 +10,7 @@ and 2 processes follow the same trajectory.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -102,12 +102,14 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     dev = dev_examples[: cfg.max_eval] if cfg.max_eval else dev_examples
 
     t_features = time.perf_counter()  # a probe's backbone pass is part of its training cost
-    if frozen and features is not None:
+    if frozen:  # probe: features once, then the head trains alone
+        if features is None:
+            from .methods.probe import extract_features
+            spec = (adapted.layer, adapted.pooling)
+            extract = lambda exs: extract_features(adapted.model, adapted.tokenizer, task, exs, [spec],  # noqa: E731
+                                                   max_length=cfg.max_length, batch_size=cfg.eval_batch_size)[spec]
+            features = (*extract(train_examples), *(extract(dev) if dev else (None, None)))
         train_x, train_y, dev_x, dev_y = (t.to(device) if t is not None else None for t in features)
-        module = adapted.head
-    elif frozen:  # probe: features once, then the head trains alone
-        train_x, train_y = _features(adapted, task, enc, train_examples, cfg.eval_batch_size)
-        dev_x, dev_y = _features(adapted, task, enc, dev, cfg.eval_batch_size) if dev else (None, None)
         module = adapted.head
     else:
         feats = [enc.encode(task, ex) for ex in train_examples]
@@ -173,7 +175,7 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
             step_loss = torch.zeros((), device=device)
             for j, chunk in enumerate(chunks):
                 sync = j == len(chunks) - 1
-                ctx = acc.no_sync(wrapped) if not sync and world > 1 else _nullctx()
+                ctx = acc.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
                 share = sum(weight_of[i] for i in chunk) / total_weight
                 with ctx:
                     loss = loss_of(chunk) * (share * world)
@@ -246,27 +248,6 @@ def _check_same_run(state: dict, cfg: TrainConfig, n: int, where: Path) -> None:
     if diff:
         raise ValueError(f"{where}: --resume with other settings than the interrupted run: {', '.join(diff)}; "
                          "resume with the same settings, or train into a new --out")
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-@torch.no_grad()
-def _features(adapted, task, enc, examples, batch_size):
-    adapted.eval()
-    xs, ys = [], []
-    feats = [enc.encode(task, ex) for ex in examples]
-    for i in range(0, len(feats), batch_size):
-        batch = enc.collate(feats[i:i + batch_size], adapted.device)
-        labels = batch.pop("labels")
-        xs.append(adapted.features(**batch))
-        ys.append(labels)
-    return torch.cat(xs), torch.cat(ys)
 
 
 @torch.no_grad()

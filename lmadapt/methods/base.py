@@ -96,3 +96,12 @@ class Method:
                     raise ValueError(f"artifact tensor '{name}' has shape {tuple(value.shape)}, "
                                      f"the model expects {tuple(dst.shape)}")
                 dst.copy_(value.to(dst.dtype))
+
+
+def fold_layers(layers, merged: bool) -> None:
+    """Merge (merged=True) or unmerge every layer that can fold its delta into the base weight
+    (`_fold(sign)` and a `merged` flag); layers already in that state are left alone."""
+    for m in layers:
+        if m.merged != merged:
+            m._fold(+1.0 if merged else -1.0)
+            m.merged = merged

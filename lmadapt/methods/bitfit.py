@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..adapted import Slots, slotted
 from ..arch import blocks, is_linear_like, linear_shape
-from .base import Method, register
+from .base import Method, fold_layers, register
 
 
 class BiasDelta(nn.Module):
@@ -93,13 +93,7 @@ class BitFit(Method):
             raise ValueError(f"method 'bitfit' cannot merge into {adapted.model.config.model_type}: some of "
                              "its layers have no base bias to fold the deltas into (the deltas there are "
                              "added biases); keep the model unmerged")
-        for m in layers:
-            if not m.merged:
-                m._fold(+1.0)
-                m.merged = True
+        fold_layers(layers, True)
 
     def unmerge(self, adapted) -> None:
-        for m in self.layers(adapted):
-            if m.merged:
-                m._fold(-1.0)
-                m.merged = False
+        fold_layers(self.layers(adapted), False)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..adapted import Slots
 from ..arch import blocks, is_linear_like, linear_shape
-from .base import Method, register
+from .base import Method, fold_layers, register
 
 
 def sketch_weight(z, row_off, col_off, row_sign, col_sign) -> torch.Tensor:
@@ -170,13 +170,7 @@ class Intrinsic(Method):
         return [m for m in adapted.model.modules() if isinstance(m, SubspaceLinear)]
 
     def merge(self, adapted) -> None:
-        for m in self.layers(adapted):
-            if not m.merged:
-                m._fold(+1.0)
-                m.merged = True
+        fold_layers(self.layers(adapted), True)
 
     def unmerge(self, adapted) -> None:
-        for m in self.layers(adapted):
-            if m.merged:
-                m._fold(-1.0)
-                m.merged = False
+        fold_layers(self.layers(adapted), False)
