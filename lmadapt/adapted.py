@@ -171,7 +171,7 @@ class AdaptedOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None        # (B, C) classification, (B, T, V) LM
     hidden: torch.Tensor | None = None        # (B, T, H) features of the real tokens
-    past_key_values: object | None = None
+    cache: object | None = None              # transformers Cache after a use_cache=True pass
 
 
 class Adapted(nn.Module):
@@ -213,14 +213,14 @@ class Adapted(nn.Module):
     def device(self) -> torch.device:
         return self.model.device
 
-    def encode(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+    def encode(self, input_ids, attention_mask=None, position_ids=None, cache=None,
                use_cache=False, token_type_ids=None, layer=None):
         """Run the backbone with the method's inputs-side deltas; -> (hidden of the real tokens
         (B, T, H), cache). Prompt methods add virtual tokens, prefix methods a key/value prefix."""
         layer = self.layer if layer is None else layer
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        first = past_key_values is None
+        first = cache is None
         active = not self.slots.disabled
         kw = {}
         n_virtual = 0
@@ -236,8 +236,8 @@ class Adapted(nn.Module):
             kw["input_ids"] = input_ids
         offset = 0
         if first and active and hasattr(self.delta, "kv_prefix"):
-            past_key_values = self.delta.kv_prefix(B)               # cache holding k positions
-            offset = past_key_values.get_seq_length()
+            cache = self.delta.kv_prefix(B)                         # cache holding k positions
+            offset = cache.get_seq_length()
             mask = torch.cat([mask.new_ones(B, offset), mask], 1)
         if position_ids is None:
             # Explicit positions make left padding harmless: real tokens count from 0 (or from
@@ -249,19 +249,19 @@ class Adapted(nn.Module):
         run = getattr(self.delta, "run_backbone", None) if active else None
         if run is not None:
             hidden, cache = run(self, attention_mask=mask, position_ids=position_ids,
-                                past_key_values=past_key_values, use_cache=use_cache, layer=layer, **kw)
+                                cache=cache, use_cache=use_cache, layer=layer, **kw)
         else:
             out = self.model.base_model(attention_mask=mask, position_ids=position_ids,
-                                        past_key_values=past_key_values, use_cache=use_cache,
+                                        cache=cache, use_cache=use_cache,
                                         output_hidden_states=layer != -1, **kw)
             hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-            cache = getattr(out, "past_key_values", None)
+            cache = getattr(out, "cache", None)
         return hidden[:, n_virtual:], cache
 
     def forward(self, input_ids, attention_mask=None, labels=None, slot_ids=None, position_ids=None,
-                past_key_values=None, use_cache=False, token_type_ids=None, return_logits=None):
+                cache=None, use_cache=False, token_type_ids=None, return_logits=None):
         with self.slots.route(slot_ids):
-            hidden, cache = self.encode(input_ids, attention_mask, position_ids, past_key_values,
+            hidden, cache = self.encode(input_ids, attention_mask, position_ids, cache,
                                         use_cache, token_type_ids)
             if self.head is not None:
                 mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask

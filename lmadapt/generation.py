@@ -13,8 +13,10 @@ import torch
 def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              slot_ids=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """-> new tokens (B, <= max_new_tokens); rows that finished early are padded with pad_token_id."""
+             generator: torch.Generator | None = None, output_scores: bool = False):
+    """-> new tokens (B, <= max_new_tokens); rows that finished early are padded with pad_token_id.
+    With output_scores=True: (tokens, scores), scores (B, n, V) the float32 logits each step chose
+    from (what tests compare: token ids alone hide small position errors)."""
     if adapted.head is not None:
         raise ValueError("generate() needs an LM (no classification head): attach without num_labels")
     if not adapted.causal:
@@ -35,10 +37,12 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
         extra = cache.get_seq_length() - T          # prefix or virtual-token positions in the cache
         full_mask = torch.cat([mask.new_ones(B, extra), mask], 1)
         pos = extra + mask.long().sum(1) - 1         # position of each row's last real token
-        out = []
+        out, scores = [], []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             logits = lm_head(hidden[:, -1]).float()  # (B, V)
+            if output_scores:
+                scores.append(logits)
             nxt = _pick(logits, do_sample, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             out.append(nxt)
@@ -49,8 +53,11 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
             pos = pos + 1
             full_mask = torch.cat([full_mask, full_mask.new_ones(B, 1)], 1)
             hidden, cache = adapted.encode(nxt.unsqueeze(1), full_mask, position_ids=pos.unsqueeze(1),
-                                           past_key_values=cache, use_cache=True)
-    return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+                                           cache=cache, use_cache=True)
+    tokens = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+    if output_scores:
+        return tokens, (torch.stack(scores, 1) if scores else torch.zeros(B, 0, lm_head.out_features))
+    return tokens
 
 
 def _pick(logits, do_sample, temperature, top_p, generator):

@@ -179,7 +179,7 @@ def test_prefix_init_text_is_the_models_own_keys_values(arch, reparam):
     # model's own key for "good" run alone.
     ids = torch.tensor([tok("good", add_special_tokens=False)["input_ids"]])
     cache = DynamicCache(config=adapted.model.config)
-    adapted.model.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
+    adapted.model.base_model(input_ids=ids, cache=cache, use_cache=True)
     torch.testing.assert_close(got[0, :n_kv * hd], cache.layers[0].keys[0, :, 0].reshape(-1), atol=1e-4, rtol=1e-4)
 
 

@@ -66,7 +66,7 @@ class LadderSide(nn.Module):
             g = torch.sigmoid(self.gates[i])
             s = block(g * self.downs[i + 1](hs[i + 1]) + (1 - g) * s)
         hidden = out.last_hidden_state + self.up(self.norm(s)).to(out.last_hidden_state.dtype)   # (B, T, H)
-        return hidden, getattr(out, "past_key_values", None)
+        return hidden, getattr(out, "cache", None)
 
 
 @register

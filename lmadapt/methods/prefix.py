@@ -95,7 +95,7 @@ def text_prefix(adapted, text: str, k: int, method: str) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:  # encoders ignore use_cache but still fill a cache they are given
-        model.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model.base_model(input_ids=ids, cache=cache, use_cache=True)
     finally:
         model.train(was_training)
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])  # (L, 2, n_kv, k, hd)
