@@ -8,6 +8,11 @@ model and data.
 """
 __version__ = "0.1.0"
 
+
+class LmadaptWarning(UserWarning):
+    """lmadapt's own warnings (the CLI shows these and filters third-party ones)."""
+
+
 from .models import load  # noqa: E402
 from .methods import METHODS, get_method  # noqa: E402
 from .api import attach, load_adapted, train, evaluate, predict  # noqa: E402

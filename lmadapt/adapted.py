@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
-from .atomic import existing_dir, write_dir
+from .atomic import DamagedFile, existing_dir, read_json_file, read_safetensors, write_dir
 from .models import fingerprint, is_causal
 
 POOLINGS = ("cls", "mean", "last")
@@ -160,10 +160,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Mean cross-entropy of lm_head(h) against t: (N, H), (N,) -> scalar, chunked and fused."""
-    if not isinstance(lm_head, nn.Linear):  # any other head: the plain path
-        return F.cross_entropy(lm_head(h).float(), t)
-    return _LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, t, chunk)
+    """Mean cross-entropy of lm_head(h) against t: (N, H), (N,) -> scalar, chunked and fused.
+    In the head's own dtype (float32 weights: float32) under bf16 autocast too: the 49k-way
+    softmax is where bf16 rounding hurts most."""
+    with torch.autocast(h.device.type, enabled=False):
+        h = h.to(next(lm_head.parameters()).dtype)
+        if not isinstance(lm_head, nn.Linear):  # any other head: the plain path
+            return F.cross_entropy(lm_head(h).float(), t)
+        return _LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, t, chunk)
 
 
 @dataclass
@@ -375,14 +379,17 @@ def read_artifact(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     meta_path = directory / "method.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{directory}: not an lmadapt artifact (no method.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} line {e.lineno}: invalid JSON ({e.msg})") from None
+    fix = "re-save the artifact or train it again"
+    meta = read_json_file(meta_path, fix)
+    if not isinstance(meta, dict):
+        raise DamagedFile(f"{meta_path}: expected a JSON object, got {type(meta).__name__}; {fix}")
     for key in ("method", "args", "base_model", "head"):
         if key not in meta:
             raise ValueError(f"{meta_path}: missing field '{key}'")
-    return meta, load_file(str(directory / "adapter.safetensors"))
+    weights = directory / "adapter.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{directory}: not a complete lmadapt artifact (no adapter.safetensors)")
+    return meta, read_safetensors(weights, fix)
 
 
 def check_base(meta: dict, model, where: str) -> None:

@@ -73,17 +73,16 @@ def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, sho
     if dev_examples is None:
         dev_examples = t.load("dev", data_root)
     summary = fit(adapted, t, train_examples, dev_examples, cfg, Path(out) if out else None, resume, features)
+    # The restored best checkpoint was evaluated on the same (capped) dev set already.
     best = summary["best_eval"]
-    if not dev_examples:
-        metrics = {}
-    elif best is not None:  # the restored best checkpoint was evaluated on the whole dev set already
-        metrics = {"dev": {k: v for k, v in best.items() if k != "step"} | {"n": len(dev_examples)}}
-    else:
-        metrics = {"dev": evaluate(adapted, t, examples=dev_examples, batch_size=cfg.eval_batch_size,
-                                   max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)}
+    metrics = {}
+    if best is not None:
+        metrics["dev"] = {k: v for k, v in best.items() if k != "step"} | {
+            "n": summary["n_dev"], "n_available": len(dev_examples)}
+    opts = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+                precision=cfg.precision, progress=cfg.progress and is_main_process())
     for name in (ood if ood is not None else list(getattr(t, "ood", ()))):
-        metrics[name] = evaluate(adapted, name, split="dev", data_root=data_root,
-                                 batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+        metrics[name] = evaluate(adapted, name, split="dev", data_root=data_root, limit=cfg.max_ood, **opts)
     result = build_result(adapted, t, metrics, summary, shots=shots, seed=seed,
                           n_train=len(train_examples), out=out)
     if out and is_main_process():
@@ -97,7 +96,11 @@ def is_main_process() -> bool:
 
 
 def evaluate(adapted: Adapted, task, *, split: str = "dev", examples=None, data_root=None,
-             batch_size: int = 32, max_new_tokens: int = 48, max_length: int = 128) -> dict:
+             batch_size: int = 32, max_new_tokens: int = 48, max_length: int = 128, limit: int | None = None,
+             precision: str = "auto", progress: bool = False, num_beams: int | None = None) -> dict:
+    """Metrics on a task's split (or on `examples`), on at most `limit` of them (a fixed-seed
+    random subset, see data.subsample); -> metrics | {'n': used, 'n_available': in the split}."""
+    from .data import subsample
     from .evaluation import evaluate_examples
     t = _task(task)
     if examples is None:
@@ -105,17 +108,21 @@ def evaluate(adapted: Adapted, task, *, split: str = "dev", examples=None, data_
     if is_classification(t) and adapted.num_labels is not None and len(t.label_names) != adapted.num_labels:
         raise ValueError(f"task '{t.name}' has {len(t.label_names)} labels but the model's head has "
                          f"{adapted.num_labels}")
+    used = subsample(examples, limit)
     enc = Encoder(adapted.tokenizer, adapted.causal, max_length)
-    return evaluate_examples(adapted, t, examples, enc, batch_size, max_new_tokens) | {"n": len(examples)}
+    metrics = evaluate_examples(adapted, t, used, enc, batch_size, max_new_tokens, precision=precision,
+                                progress=progress, num_beams=num_beams)
+    return metrics | {"n": len(used), "n_available": len(examples)}
 
 
 def predict(adapted: Adapted, task, examples, batch_size: int = 32, max_new_tokens: int = 48,
-            max_length: int = 128) -> list:
+            max_length: int = 128, precision: str = "auto", progress: bool = False) -> list:
     """Label names for classification, generated text for generation tasks."""
     from .evaluation import predict_examples
     t = _task(task)
     enc = Encoder(adapted.tokenizer, adapted.causal, max_length)
-    preds = predict_examples(adapted, t, examples, enc, batch_size, max_new_tokens)
+    preds = predict_examples(adapted, t, examples, enc, batch_size, max_new_tokens, precision=precision,
+                             progress=progress)
     if is_classification(t):
         return [adapted.label_names[p] for p in preds]
     return preds
@@ -141,6 +148,7 @@ def build_result(adapted: Adapted, task, metrics: dict, summary: dict, *, shots,
         "processes": summary["processes"], "lr": summary["lr"], "train_config": summary["config"],
         "history": summary["history"], "evals": summary["evals"],
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "precision": summary.get("precision"), "precision_requested": summary["config"].get("precision"),
         "versions": {"lmadapt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }

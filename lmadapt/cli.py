@@ -56,7 +56,7 @@ def _task_from_args(a):
 
 def cmd_train(a) -> int:
     import lmadapt
-    from .data import parse_shots
+    from .data import parse_cap, parse_shots
     from .trainer import TrainConfig
     task = _task_from_args(a)
     shots = parse_shots(a.shots)
@@ -71,8 +71,9 @@ def cmd_train(a) -> int:
     adapted = lmadapt.attach(model, a.method, task=task, tokenizer=tok, pooling=a.pooling, layer=a.layer,
                              head=a.head, init_seed=a.seed, **method_args)
     cfg_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = {k: v for k, v in vars(a).items() if k in cfg_fields and v is not None and k != "seed"}
+    cfg = {k: v for k, v in vars(a).items() if k in cfg_fields and v is not None and k not in ("seed", "max_ood")}
     cfg["progress"] = not a.no_progress
+    cfg["max_ood"] = parse_cap(a.max_ood, "--max-ood")
     ood = None if a.ood is None else [t for t in a.ood.split(",") if t]
     result = lmadapt.train(adapted, task, shots=shots, seed=a.seed, data_root=a.data_root, out=a.out,
                            resume=a.resume, max_train=a.max_train, ood=ood, **cfg)
@@ -97,7 +98,8 @@ def cmd_eval(a) -> int:
     task = _task_from_args(a) if (a.task or a.train) else None
     if task is None:
         raise ValueError("give --task NAME to evaluate on")
-    metrics = lmadapt.evaluate(adapted, task, split=a.split, data_root=a.data_root, batch_size=a.batch_size)
+    metrics = lmadapt.evaluate(adapted, task, split=a.split, data_root=a.data_root, batch_size=a.batch_size,
+                               limit=a.max_eval, precision=a.precision, progress=not a.no_progress)
     print(json.dumps({"task": task.name, "split": a.split, **metrics}, indent=2))
     if Path(a.run).is_dir():
         write_json(Path(a.run) / f"eval-{task.name}-{a.split}.json", {"task": task.name, "split": a.split, **metrics})
@@ -125,7 +127,8 @@ def cmd_predict(a) -> int:
     from .tasks import get_task
     adapted = _load_run(a.run)
     task = get_task(a.task) if a.task else _task_of_run(a.run, adapted)
-    for p in lmadapt.predict(adapted, task, read_inputs(a.input), batch_size=a.batch_size):
+    for p in lmadapt.predict(adapted, task, read_inputs(a.input), batch_size=a.batch_size, precision=a.precision,
+                             progress=not a.no_progress):
         print(p)
     return 0
 
@@ -134,7 +137,8 @@ def _task_of_run(run: str, adapted):
     from .tasks import get_task
     res = Path(run) / "result.json"
     if res.exists():
-        name = json.loads(res.read_text()).get("task")
+        from .atomic import read_json_file
+        name = (read_json_file(res, "pass --task, or train the run again") or {}).get("task")
         try:
             return get_task(name)
         except ValueError:
@@ -188,6 +192,7 @@ def summary_table(results: list[dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
+    from .precision import PRECISIONS
     p = argparse.ArgumentParser(prog="lmadapt", description="Adapt a pretrained language model to a task.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -202,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--text-col", help="column holding the text")
         sp.add_argument("--text-pair-col", help="column holding the second text of a pair")
         sp.add_argument("--label-col", help="column holding the label")
+
+    def common(sp):
+        sp.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     t = sub.add_parser("train", help="train a method on a task; writes OUT/result.json and OUT/best/",
                        description="Train a method on a task, keep the best dev checkpoint, evaluate on dev and "
@@ -230,10 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
             ("eval-every", int, "steps between dev evaluations; the best is kept (default: once per epoch)"),
             ("save-every", int, "steps between resumable checkpoints (default: --eval-every)"),
             ("max-length", int, "tokens per input, longer ones truncated (128)"),
-            ("max-eval", int, "dev examples used for evaluations during training (default: all)")]:
+            ("max-eval", int, "dev examples used by every dev evaluation, the final one included: a fixed "
+                              "random subset (default: all)")]:
         g.add_argument(f"--{name}", type=typ, help=text)
     t.add_argument("--ood", help="comma-separated out-of-domain tasks to evaluate (default: the task's own)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--max-ood", default="500", help="examples per out-of-domain set, a fixed random subset, "
+                                                    "or 'all' (default 500)")
+    common(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained run on a task", description="Example: lmadapt eval --run runs/x --task imdb")
@@ -241,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(e, train_file=False)
     e.add_argument("--split", default="dev")
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-eval", type=int, help="evaluate a fixed random subset of this size (default: all)")
+    common(e)
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict labels / generate text for an input file",
@@ -250,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True)
     pr.add_argument("--task", help="task (default: the run's)")
     pr.add_argument("--batch-size", type=int, default=32)
+    common(pr)
     pr.set_defaults(func=cmd_predict)
 
     sub.add_parser("tasks", help="list the tasks").set_defaults(func=cmd_tasks)
@@ -257,9 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_third_party() -> None:
+    """A user's command prints lmadapt's own output only: third-party Python warnings and
+    transformers' info logging and weight-loading bars are filtered here, at the edge, not in the
+    library (a library user keeps them). lmadapt's own warnings still show."""
+    import warnings
+
+    from . import LmadaptWarning
+    # By category, not module: a deprecation warning is attributed to its caller's frame. A user
+    # who asks for warnings (python -W ..., PYTHONWARNINGS) gets them.
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", category=LmadaptWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    quiet_third_party()
     from .data import DataError
     from .models import ModelError
     try:

@@ -351,3 +351,30 @@ def sample_kshot(examples: Sequence[Example], shots: int | str | None, seed: int
         chosen = rng.sample(list(examples), shots)
     rng.shuffle(chosen)
     return chosen
+
+
+def parse_cap(value: str | int | None, flag: str) -> int | None:
+    """CLI value for an evaluation cap (--max-eval, --max-ood): a positive integer, or 'all' (None)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("all", "full", "none"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"{flag} must be a positive integer or 'all', got '{value}'")
+    return n
+
+
+def subsample(examples: Sequence[Example], n: int | None, seed: int = 0) -> list[Example]:
+    """At most `n` examples: a seeded random subset kept in file order (None: all). The seed is
+    fixed by default, independent of the run's seed, so every method and run of a comparison is
+    scored on the same examples; a random subset rather than the first n, because files are often
+    sorted (by label, by table, by article)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]

@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .batching import Encoder, is_classification
 from .atomic import existing_dir
+from .batching import Encoder
 from .checkpoint import load_checkpoint, save_checkpoint
+from .data import subsample
 from .evaluation import evaluate_examples, metric_value
 from .memory import PeakMemory
+from .precision import PRECISIONS, autocast, resolve
 
 
 @dataclass
@@ -41,8 +43,10 @@ class TrainConfig:
     max_length: int = 128
     max_target_length: int = 64
     eval_batch_size: int = 32
-    max_eval: int | None = None      # cap on dev examples evaluated during training
+    max_eval: int | None = None      # cap on dev examples, every evaluation (the final one too)
+    max_ood: int | None = 500        # cap on each out-of-domain set's examples (None: all)
     max_new_tokens: int = 48
+    precision: str = "auto"          # auto | fp32 | bf16 (autocast; weights stay float32)
     seed: int = 0
     progress: bool = True
 
@@ -52,6 +56,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}")
+        for name in ("max_eval", "max_ood"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for all), got {getattr(self, name)}")
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -89,7 +98,8 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     if not train_examples:
         raise ValueError(f"task '{task.name}': no training examples")
     cuda = torch.cuda.is_available()
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    # Mixed precision is ours (precision.autocast around every forward), the same on CPU and CUDA.
+    acc = Accelerator(cpu=not cuda, mixed_precision="no")
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
@@ -98,17 +108,21 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     enc = Encoder(adapted.tokenizer, adapted.causal, cfg.max_length, cfg.max_target_length)
     device = acc.device
     adapted.to(device)
+    precision = resolve(cfg.precision, device)
     frozen = adapted.method.frozen_features
-    dev = dev_examples[: cfg.max_eval] if cfg.max_eval else dev_examples
+    dev = subsample(dev_examples, cfg.max_eval)
+    show = cfg.progress and acc.is_main_process
 
     t_features = time.perf_counter()  # a probe's backbone pass is part of its training cost
     if frozen:  # probe: features once, then the head trains alone
         if features is None:
             from .methods.probe import extract_features
             spec = (adapted.layer, adapted.pooling)
-            extract = lambda exs: extract_features(adapted.model, adapted.tokenizer, task, exs, [spec],  # noqa: E731
-                                                   max_length=cfg.max_length, batch_size=cfg.eval_batch_size)[spec]
-            features = (*extract(train_examples), *(extract(dev) if dev else (None, None)))
+            extract = lambda exs, desc: extract_features(  # noqa: E731
+                adapted.model, adapted.tokenizer, task, exs, [spec], max_length=cfg.max_length,
+                batch_size=cfg.eval_batch_size, precision=precision, progress=show, desc=desc)[spec]
+            features = (*extract(train_examples, "features train"),
+                        *(extract(dev, "features dev") if dev else (None, None)))
         train_x, train_y, dev_x, dev_y = (t.to(device) if t is not None else None for t in features)
         module = adapted.head
     else:
@@ -154,14 +168,15 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
                      for f in feats]
 
     def loss_of(idx: list[int]) -> torch.Tensor:
-        if frozen:
-            return F.cross_entropy(wrapped(train_x[idx]).float(), train_y[idx])
-        batch = enc.collate([feats[i] for i in idx], device)
-        return wrapped(**batch).loss
+        with autocast(precision, device):
+            if frozen:
+                return F.cross_entropy(wrapped(train_x[idx]).float(), train_y[idx])
+            batch = enc.collate([feats[i] for i in idx], device)
+            return wrapped(**batch).loss
     best_in_memory = None
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=state["step"], disable=not (cfg.progress and acc.is_main_process),
+    bar = tqdm(total=total, initial=state["step"], disable=not show,
                desc=f"{adapted.method.name}/{task.name}", dynamic_ncols=True)
     t_start = time.perf_counter()
     start = state["step"]
@@ -195,7 +210,7 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
             bar.update(1)
             last = state["step"] == total
             if dev and (state["step"] % eval_every == 0 or last):
-                m = _evaluate(adapted, task, enc, dev, cfg, frozen, dev_x if frozen else None,
+                m = _evaluate(adapted, task, enc, dev, cfg, precision, show, dev_x if frozen else None,
                               dev_y if frozen else None)
                 value = metric_value(task, m)
                 state["evals"].append({"step": state["step"], **m})
@@ -205,8 +220,9 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
                         adapted.save(Path(out) / "best")
                     elif not out:
                         best_in_memory = {k: p.detach().clone() for k, p in named.items()}
-                if cfg.progress:
-                    acc.print(f"step {state['step']}: dev {task.metric} = {value:.4f} (best {state['best']:.4f})")
+                if show:
+                    bar.write(f"step {state['step']}: dev {task.metric} = {value:.4f} (best {state['best']:.4f}, "
+                              f"{len(dev)} examples)")
             if ckpt_dir and acc.is_main_process and (state["step"] % save_every == 0 or last):
                 state["train_seconds"] += time.perf_counter() - t_start
                 t_start = time.perf_counter()
@@ -231,7 +247,7 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     return {
         "steps": total, "lr": lr, "config": asdict(cfg), "history": state["history"], "evals": state["evals"],
         "best_dev": state["best"], "best_step": state["best_step"], "processes": world,
-        "best_eval": best_eval if len(dev) == len(dev_examples) else None,
+        "best_eval": best_eval, "n_dev": len(dev), "precision": precision,
         "trainable_params": trainable_params,
         "train_seconds": state["train_seconds"],
         "examples_per_second": state["examples"] / max(state["train_seconds"], 1e-9),
@@ -251,10 +267,11 @@ def _check_same_run(state: dict, cfg: TrainConfig, n: int, where: Path) -> None:
 
 
 @torch.no_grad()
-def _evaluate(adapted, task, enc, dev, cfg, frozen, dev_x, dev_y):
-    if frozen:
+def _evaluate(adapted, task, enc, dev, cfg, precision, progress, dev_x, dev_y):
+    if dev_x is not None:  # probe: the head on cached features
         adapted.head.eval()
         preds = adapted.head(dev_x).argmax(-1).tolist()
         from .metrics import compute
         return compute(task.metric, preds, dev_y.tolist())
-    return evaluate_examples(adapted, task, dev, enc, cfg.eval_batch_size, cfg.max_new_tokens)
+    return evaluate_examples(adapted, task, dev, enc, cfg.eval_batch_size, cfg.max_new_tokens,
+                             precision=precision, progress=progress)

@@ -26,26 +26,32 @@ class Probe(Method):
 
 
 @torch.no_grad()
-def extract_features(model, tokenizer, task, examples, specs, *, max_length: int = 128, batch_size: int = 32):
+def extract_features(model, tokenizer, task, examples, specs, *, max_length: int = 128, batch_size: int = 32,
+                     precision: str = "auto", progress: bool = False, desc: str = "features"):
     """Pooled features for several (layer, pooling) specs from ONE forward pass per batch:
-    -> {(layer, pooling): (X (N, H), y (N,))}. Probing sweeps over layers and poolings cost one
-    pass over the data instead of one per configuration."""
+    -> {(layer, pooling): (X (N, H), y (N,))} in the order of `examples`. Probing sweeps over
+    layers and poolings cost one pass over the data instead of one per configuration. Batches are
+    formed by input length (less padding), under the requested precision."""
     from ..adapted import pool
     from ..batching import Encoder
+    from ..evaluation import by_length, progress_bar
     from ..models import is_causal
+    from ..precision import autocast
     enc = Encoder(tokenizer, is_causal(model), max_length)
     feats = [enc.classification(ex) for ex in examples]
-    out = {s: [] for s in specs}
-    labels = []
+    out = {s: [None] * len(feats) for s in specs}
     model.eval()
-    for i in range(0, len(feats), batch_size):
-        batch = enc.collate(feats[i:i + batch_size], model.device)
-        labels.append(batch.pop("labels"))
-        mask = batch["attention_mask"]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        o = model.base_model(**batch, position_ids=pos, output_hidden_states=True)
-        for layer, pooling in specs:
-            h = o.last_hidden_state if layer == -1 else o.hidden_states[layer]
-            out[(layer, pooling)].append(pool(h, mask, pooling).float().cpu())
-    y = torch.cat(labels).cpu()
-    return {s: (torch.cat(v), y) for s, v in out.items()}
+    with autocast(precision, model.device), progress_bar(len(feats), desc, progress) as bar:
+        for idx in by_length(feats, batch_size):
+            batch = enc.collate([feats[i] for i in idx], model.device)
+            batch.pop("labels", None)
+            mask = batch["attention_mask"]
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            o = model.base_model(**batch, position_ids=pos, output_hidden_states=True)
+            for layer, pooling in specs:
+                h = o.last_hidden_state if layer == -1 else o.hidden_states[layer]
+                for i, row in zip(idx, pool(h, mask, pooling).float().cpu()):
+                    out[(layer, pooling)][i] = row
+            bar.update(len(idx))
+    y = torch.tensor([f.get("labels", -1) for f in feats], dtype=torch.long)
+    return {s: (torch.stack(v) if v else torch.zeros(0, model.config.hidden_size), y) for s, v in out.items()}
