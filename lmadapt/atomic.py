@@ -1,4 +1,5 @@
-"""Atomic writes: nothing half-written is ever visible under the final name.
+"""Atomic writes: nothing half-written is ever visible under the final name; and reads of what
+was written that turn a truncated or corrupt file into one line naming it (DamagedFile).
 
 A file is written to a temp file in the same folder and renamed over the target. A folder
 (artifact, checkpoint) is written to a temp folder; an existing folder is first renamed aside to
@@ -62,3 +63,66 @@ def existing_dir(directory: str | os.PathLike) -> Path | None:
         return directory
     olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
     return olds[-1] if olds else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back what was written: a damaged file is one line naming it and what is wrong.
+
+
+class DamagedFile(ValueError):
+    """An artifact, checkpoint or cache file that is truncated or corrupt; the message names the
+    file, the problem and the fix."""
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Cheap structural check without reading the tensors: the 8-byte header length, the JSON
+    header, and a file size equal to what the header's offsets need (catches truncation)."""
+    import struct
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DamagedFile(f"{path}: truncated ({size} bytes, not even a safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise DamagedFile(f"{path}: damaged or truncated safetensors file (header of {n} bytes, "
+                              f"file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DamagedFile(f"{path}: damaged safetensors file (unreadable header)") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and "data_offsets" in v]
+    want = 8 + n + max(ends, default=0)
+    if size != want:
+        raise DamagedFile(f"{path}: truncated or damaged safetensors file ({size} bytes, its header "
+                          f"needs {want})")
+
+
+def read_safetensors(path: str | os.PathLike, fix: str) -> dict:
+    """load_file with a one-line DamagedFile error; `fix` says what to do (re-save, retrain, ...)."""
+    from safetensors.torch import load_file
+    try:
+        check_safetensors(path)
+        return load_file(str(path))
+    except DamagedFile as e:
+        raise DamagedFile(f"{e}; {fix}") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' own error type is not part of its stable API
+        raise DamagedFile(f"{path}: damaged safetensors file ({str(e).splitlines()[0]}); {fix}") from None
+
+
+def read_json_file(path: str | os.PathLike, fix: str):
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DamagedFile(f"{path}: damaged (not UTF-8 text); {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DamagedFile(f"{path} line {e.lineno}: damaged or truncated JSON ({e.msg}); {fix}") from None

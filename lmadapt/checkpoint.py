@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .atomic import write_dir
+from .atomic import DamagedFile, read_json_file, read_safetensors, write_dir
 
 
 def save_checkpoint(directory: Path, named_params: dict[str, torch.Tensor], optimizer, loop_state: dict) -> None:
@@ -37,8 +37,13 @@ def save_checkpoint(directory: Path, named_params: dict[str, torch.Tensor], opti
 
 def load_checkpoint(directory: Path, named_params: dict[str, torch.nn.Parameter], optimizer) -> dict:
     directory = Path(directory)
-    tensors = load_file(str(directory / "state.safetensors"))
-    meta = json.loads((directory / "state.json").read_text())
+    fix = "delete it to start over, or train into a new --out"
+    meta = read_json_file(directory / "state.json", fix)
+    tensors = read_safetensors(directory / "state.safetensors", fix)
+    if not isinstance(meta, dict) or "loop" not in meta or "param_groups" not in meta:
+        raise DamagedFile(f"{directory / 'state.json'}: not an lmadapt checkpoint (no 'loop'/'param_groups'); {fix}")
+    if "rng.cpu" not in tensors:
+        raise DamagedFile(f"{directory / 'state.safetensors'}: incomplete checkpoint (no RNG state); {fix}")
     names = list(named_params)
     with torch.no_grad():
         for k, p in named_params.items():

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,25 +81,61 @@ def _smollm2_dir() -> Path:
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
     target = cache_dir() / f"smollm2-135m-{key}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    problem = _cache_problem(target)
+    if problem is None:
         return target
+    if target.exists():  # damaged (a disk error, a hand edit): rebuild it, say so once
+        import warnings
+        from . import LmadaptWarning
+        warnings.warn(f"{problem}; rebuilding the model cache from the GGUF", LmadaptWarning, stacklevel=2)
+        shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    # Once per machine, and long enough (~25-40 s) that a silent wait would look like a hang.
+    print(f"lmadapt: de-quantizing {gguf.name} once into {target} (~40 s; later loads take ~3 s)",
+          file=sys.stderr, flush=True)
+    try:
+        _dequantize(gguf, tmp)
+        os.replace(tmp, target)  # atomic: a killed build leaves only a .tmp-* folder
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (isinstance(e, OSError) and _cache_problem(target) is None):  # lost a race to another process: fine
+            raise
+    return target
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    """GGUF -> float32 safetensors + tokenizer files in `out` (~25-40 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save/training until its quantization config is dropped.
     model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def _cache_problem(target: Path) -> str | None:
+    """None when the float cache is complete and readable; else what is wrong with it. Cheap: the
+    JSON files parse and the safetensors file has the size its header promises."""
+    from .atomic import DamagedFile, check_safetensors, read_json_file
+    if not target.exists():
+        return "no cache"
+    for name in CACHE_FILES:
+        if not (target / name).is_file():
+            return f"{target}: the model cache lacks {name}"
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a killed build leaves only a .tmp-* folder
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # lost a race to another process: fine
-            raise
-    return target
+        check_safetensors(target / "model.safetensors")
+        for name in CACHE_FILES:
+            if name.endswith(".json"):
+                read_json_file(target / name, "")
+    except (DamagedFile, FileNotFoundError) as e:
+        return str(e).rstrip("; ")
+    return None
 
 
 def resolve(name_or_path: str) -> tuple[Path, str]:
@@ -140,8 +177,14 @@ def load(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device | None
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from .atomic import DamagedFile, check_safetensors
     path, kind = resolve(name_or_path)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
+    try:
+        for f in sorted(path.glob("*.safetensors")):
+            check_safetensors(f)
+    except DamagedFile as e:
+        raise ModelError(f"{e}; the model folder is damaged: copy or download it again") from None
     try:
         model = cls.from_pretrained(path, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(path)

@@ -24,10 +24,10 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .arch import is_linear_like, kv_shape
-from .atomic import write_file
+from .atomic import read_json_file, read_safetensors, write_file
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"lora": "LORA", "prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING",
@@ -52,11 +52,8 @@ def _read(peft_dir) -> tuple[dict, dict[str, torch.Tensor]]:
         hint = " (found adapter_model.bin: pickle is not read; re-save with safe_serialization=True)" \
             if (d / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{d}: no {WEIGHTS}{hint}")
-    try:
-        cfg = json.loads((d / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{d / CONFIG} line {e.lineno}: invalid JSON ({e.msg})") from None
-    return cfg, load_file(str(d / WEIGHTS))
+    fix = "re-save the PEFT adapter"
+    return read_json_file(d / CONFIG, fix), read_safetensors(d / WEIGHTS, fix)
 
 
 def _lora_targets(cfg: dict, model, where: str) -> tuple[str, ...]:
