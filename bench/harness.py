@@ -1,6 +1,10 @@
 """One training configuration in a fresh process: load SmolLM2, attach a method (lmadapt or
 PEFT), run warmup + N optimizer steps of the LM loss on fixed random batches, print JSON with the
-median step time and the peak memory the steps added above the loaded model.
+median step time, the peak memory the steps added above the loaded model, and the FLOPs of one
+step (torch's FlopCounterMode, forward + backward, counted on a warmup step).
+
+`--precision bf16` runs forward (and so backward) under bf16 autocast, for either implementation:
+PEFT has no precision switch of its own, so the same context is used for both.
 
 A fresh process per configuration keeps peak-memory readings independent (RSS never shrinks back
 reliably within one process). The benchmark scripts call this and print ratios.
@@ -16,9 +20,11 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import lmadapt
 from lmadapt.memory import PeakMemory
+from lmadapt.precision import autocast, resolve
 
 PEFT_ARGS = {  # matched to lmadapt's defaults for the same method
     "lora": dict(r=8, lora_alpha=16, lora_dropout=0.0,
@@ -48,7 +54,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     a = ap.parse_args()
+    precision = resolve(a.precision, "cpu")
+    if a.warmup < 1:
+        ap.error("--warmup must be >= 1 (the first step is the one whose FLOPs are counted)")
     torch.manual_seed(0)
     model, tok = lmadapt.load(a.model)
     net = build(a.impl, a.method, model, tok)
@@ -57,19 +67,30 @@ def main():
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(100, model.config.vocab_size, (a.batch, a.seq), generator=g) for _ in range(3)]
-    times = []
+    def step(ids):
+        with autocast(precision, "cpu"):
+            loss = net(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, flops = [], None
     with PeakMemory() as mem:
         for i in range(a.warmup + a.steps):
             ids = batches[i % len(batches)]
+            if i == 0:  # counted, not timed (the counter slows the step down)
+                with FlopCounterMode(display=False) as counter:
+                    loss = step(ids)
+                flops = counter.get_total_flops()
+                continue
             t = time.perf_counter()
-            loss = net(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = step(ids)
             if i >= a.warmup:
                 times.append(time.perf_counter() - t)
     trainable = sum(p.numel() for p in params)
-    print(json.dumps({"impl": a.impl, "method": a.method, "step_seconds": statistics.median(times),
+    print(json.dumps({"impl": a.impl, "method": a.method, "precision": precision, "flops": flops,
+                      "step_seconds": statistics.median(times),
                       "step_times": times, "added_mb": mem.added_mb, "peak_mb": mem.peak_mb,
                       "trainable": trainable, "loss": float(loss)}))
 
