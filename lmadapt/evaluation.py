@@ -1,5 +1,6 @@
-"""Evaluation: classification by head argmax, generation by greedy decoding against all
-references, preference by comparing the log-likelihood of the chosen and rejected responses."""
+"""Evaluation: classification by head argmax, generation by the task's decoding (greedy, or beam
+search where the task sets num_beams: E2E, WebNLG) against all references, preference by comparing
+the log-likelihood of the chosen and rejected responses."""
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,10 @@ def metric_value(task, metrics: dict) -> float:
 
 
 @torch.no_grad()
-def predict_examples(adapted, task, examples, enc: Encoder, batch_size: int = 32, max_new_tokens: int = 48):
-    """-> list of predictions: class indices, generated strings, or chosen>rejected booleans."""
+def predict_examples(adapted, task, examples, enc: Encoder, batch_size: int = 32, max_new_tokens: int = 48,
+                     num_beams: int | None = None):
+    """-> list of predictions: class indices, generated strings, or chosen>rejected booleans.
+    num_beams: None decodes as the task says (task.num_beams, length_penalty, no_repeat_ngram_size)."""
     adapted.eval()
     if is_classification(task):
         preds = []
@@ -40,7 +43,10 @@ def predict_examples(adapted, task, examples, enc: Encoder, batch_size: int = 32
     for i in range(0, len(examples), batch_size):
         feats = [enc.generation(task, ex, with_target=False) for ex in examples[i:i + batch_size]]
         batch = enc.collate(feats, adapted.device)
-        new = adapted.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens)
+        new = adapted.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                               num_beams=task.num_beams if num_beams is None else num_beams,
+                               length_penalty=task.length_penalty,
+                               no_repeat_ngram_size=task.no_repeat_ngram_size)
         outs += [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
     return outs
 
@@ -68,6 +74,7 @@ def references_of(task, examples):
     return [ex.references or [ex.target] for ex in examples]
 
 
-def evaluate_examples(adapted, task, examples, enc: Encoder, batch_size: int = 32, max_new_tokens: int = 48) -> dict:
-    preds = predict_examples(adapted, task, examples, enc, batch_size, max_new_tokens)
+def evaluate_examples(adapted, task, examples, enc: Encoder, batch_size: int = 32, max_new_tokens: int = 48,
+                      num_beams: int | None = None) -> dict:
+    preds = predict_examples(adapted, task, examples, enc, batch_size, max_new_tokens, num_beams=num_beams)
     return compute(task.metric, preds, references_of(task, examples))
