@@ -52,7 +52,7 @@ def _run_batches(feats: list[dict], batch_size: int, run, desc: str, progress: b
 def predict_examples(adapted, task, examples, enc: Encoder, batch_size: int = 32, max_new_tokens: int = 48,
                      *, precision: str = "auto", progress: bool = False, num_beams: int | None = None):
     """-> list of predictions: class indices, generated strings, or chosen>rejected booleans.
-    num_beams: None = the task's own beam width (Task.num_beams, 1 where it has none)."""
+    num_beams: None = the task's own beam width (Task.num_beams: 5 for E2E and WebNLG, else 1)."""
     adapted.eval()
     desc = f"eval {task.name}"
     with autocast(precision, adapted.device):
@@ -67,8 +67,10 @@ def predict_examples(adapted, task, examples, enc: Encoder, batch_size: int = 32
             rejected = sequence_logprobs(adapted, task, examples, enc, "rejected", batch_size, progress=progress)
             return [c > r for c, r in zip(chosen, rejected)]
         tok = adapted.tokenizer
-        beams = num_beams if num_beams is not None else getattr(task, "num_beams", 1)
-        extra = {"num_beams": beams} if beams and beams > 1 else {}
+        beams = num_beams if num_beams is not None else task.num_beams
+        extra = {"num_beams": beams, "length_penalty": task.length_penalty}
+        if task.no_repeat_ngram_size:
+            extra["no_repeat_ngram_size"] = task.no_repeat_ngram_size
 
         def decode(fs):
             batch = enc.collate(fs, adapted.device)

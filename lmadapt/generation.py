@@ -1,4 +1,5 @@
-"""Greedy / sampled decoding with a KV cache for any Adapted causal LM.
+"""Greedy / sampled decoding with a KV cache for any Adapted causal LM; beam search (beam.py) runs
+in the same loop shape.
 
 Our own loop rather than `model.generate`, because prompt and prefix methods change what the
 cache holds (k extra positions) and every row may use its own slot: positions are explicit, so
@@ -13,34 +14,56 @@ import torch
 def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              slot_ids=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, output_scores: bool = False):
+             generator: torch.Generator | None = None, output_scores: bool = False,
+             num_beams: int = 1, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+             early_stopping: bool | str = False):
     """-> new tokens (B, <= max_new_tokens); rows that finished early are padded with pad_token_id.
     With output_scores=True: (tokens, scores), scores (B, n, V) the float32 logits each step chose
-    from (what tests compare: token ids alone hide small position errors)."""
+    from (what tests compare: token ids alone hide small position errors).
+
+    num_beams > 1: beam search (see lmadapt.beam for length_penalty and early_stopping); with
+    output_scores its scores are (B, n) log-probs of the tokens chosen, not (B, n, V) logits.
+    no_repeat_ngram_size = n > 0 bans any n-gram that already occurs in the generated tokens (the
+    prompt does not count), greedy or beam."""
     if adapted.head is not None:
         raise ValueError("generate() needs an LM (no classification head): attach without num_labels")
     if not adapted.causal:
         raise ValueError(f"{adapted.model.config.model_type} is not a causal LM; it cannot generate")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping must be one of: True, False, 'never'; got {early_stopping!r}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("do_sample=True with num_beams > 1 (beam sampling) is not supported: "
+                         "use num_beams=1 to sample, or do_sample=False for beam search")
     tok = adapted.tokenizer
     if eos_token_id is None:
         eos_token_id = getattr(tok, "eos_token_id", None) if tok is not None else adapted.model.config.eos_token_id
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
-                       device=input_ids.device)
+                       dtype=torch.long, device=input_ids.device)
     if pad_token_id is None:
         pad_token_id = getattr(tok, "pad_token_id", None) if tok is not None else None
         pad_token_id = 0 if pad_token_id is None else pad_token_id
-    B, T = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if num_beams > 1:
+        from .beam import beam_search
+        with adapted.slots.route(slot_ids):
+            return beam_search(adapted, input_ids, mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                               eos=eos, pad_token_id=pad_token_id, length_penalty=length_penalty,
+                               no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping,
+                               output_scores=output_scores)
+    B, T = input_ids.shape
     lm_head = adapted.model.get_output_embeddings()
     with adapted.slots.route(slot_ids):
-        hidden, cache = adapted.encode(input_ids, mask, use_cache=True)
-        extra = cache.get_seq_length() - T          # prefix or virtual-token positions in the cache
-        full_mask = torch.cat([mask.new_ones(B, extra), mask], 1)
-        pos = extra + mask.long().sum(1) - 1         # position of each row's last real token
+        hidden, cache, full_mask, pos = start(adapted, input_ids, mask)
         out, scores = [], []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             logits = lm_head(hidden[:, -1]).float()  # (B, V)
+            if no_repeat_ngram_size and out:
+                logits = ban_repeated_ngrams(logits, torch.stack(out, 1), no_repeat_ngram_size)
             if output_scores:
                 scores.append(logits)
             nxt = _pick(logits, do_sample, temperature, top_p, generator)
@@ -50,14 +73,46 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
                 done |= torch.isin(nxt, eos)
             if bool(done.all()):
                 break
-            pos = pos + 1
-            full_mask = torch.cat([full_mask, full_mask.new_ones(B, 1)], 1)
-            hidden, cache = adapted.encode(nxt.unsqueeze(1), full_mask, position_ids=pos.unsqueeze(1),
-                                           cache=cache, use_cache=True)
+            hidden, cache, full_mask, pos = step(adapted, nxt, cache, full_mask, pos)
     tokens = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
     if output_scores:
         return tokens, (torch.stack(scores, 1) if scores else torch.zeros(B, 0, lm_head.out_features))
     return tokens
+
+
+def start(adapted, input_ids, mask):
+    """Encode the prompts once (virtual tokens / key-value prefix added here) -> (hidden (B, T, H),
+    cache, full_mask (B, extra + T) over every cached position, pos (B,) of each row's last token)."""
+    B, T = input_ids.shape
+    hidden, cache = adapted.encode(input_ids, mask, use_cache=True)
+    extra = cache.get_seq_length() - T          # prefix or virtual-token positions in the cache
+    full_mask = torch.cat([mask.new_ones(B, extra), mask], 1)
+    pos = extra + mask.long().sum(1) - 1         # position of each row's last real token
+    return hidden, cache, full_mask, pos
+
+
+def step(adapted, nxt, cache, full_mask, pos):
+    """Feed one token per row (B,) at the next position -> (hidden (B, 1, H), cache, mask, pos)."""
+    pos = pos + 1
+    full_mask = torch.cat([full_mask, full_mask.new_ones(len(nxt), 1)], 1)
+    hidden, cache = adapted.encode(nxt.unsqueeze(1), full_mask, position_ids=pos.unsqueeze(1),
+                                   cache=cache, use_cache=True)
+    return hidden, cache, full_mask, pos
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    """scores (R, V), generated (R, t) -> scores with -inf at every token that would complete an
+    n-gram already in `generated` (HF's no_repeat_ngram_size, over the generated tokens only)."""
+    R, t = generated.shape
+    if t < n:       # fewer than n tokens: no complete n-gram yet, so none can repeat
+        return scores
+    grams = generated.unfold(1, n, 1)                                    # (R, t - n + 1, n)
+    if n == 1:
+        hit = torch.ones(grams.shape[:2], dtype=torch.bool, device=scores.device)
+    else:  # earlier n-grams whose first n - 1 tokens equal the last n - 1 generated
+        hit = (grams[:, :, :-1] == generated[:, t - n + 1:].unsqueeze(1)).all(-1)   # (R, t - n + 1)
+    banned = torch.zeros_like(scores).scatter_add_(1, grams[:, :, -1], hit.to(scores.dtype))
+    return scores.masked_fill(banned > 0, float("-inf"))
 
 
 def _pick(logits, do_sample, temperature, top_p, generator):

@@ -44,6 +44,8 @@ class Task:
     set, is used for examples whose text_pair is None (Alpaca's no-input records). `ood` names other
     tasks with the same labels (or kind and metric) to evaluate on as out-of-domain.
     `uses_data_root` is False for tasks built from user files, which need no data root.
+    `num_beams`, `length_penalty`, `no_repeat_ngram_size`: how evaluation decodes generation tasks
+    (num_beams=1: greedy; see lmadapt.beam for the other two).
     """
 
     name: str
@@ -56,6 +58,9 @@ class Task:
     splits: Mapping[str, Loader] = field(compare=False, repr=False)
     ood: tuple[str, ...] = ()
     uses_data_root: bool = field(default=True, repr=False)
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
         def fail(problem):
@@ -72,6 +77,10 @@ class Task:
             fail(f"prompt must contain {{text}}: {self.prompt!r}")
         if not self.splits:
             fail("has no splits")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            fail(f"num_beams must be an int >= 1 (1: greedy), got {self.num_beams!r}")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            fail(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {self.no_repeat_ngram_size!r}")
         # Tuples and a read-only view of splits: Task is frozen, and all of these define it.
         object.__setattr__(self, "label_names", tuple(self.label_names))
         object.__setattr__(self, "ood", tuple(self.ood))
@@ -331,12 +340,14 @@ for _name, _other in (("mnli", "snli"), ("snli", "mnli")):
         ood=(_other,)))
 register_task(Task(
     name="e2e_nlg", kind="generation", metric="bleu", prompt="Table: {text}\nText:",
+    num_beams=5,  # Li & Liang (2021) decode E2E and WebNLG with beam search, beam size 5
     description="E2E NLG restaurant meaning representations to text. train: one example per "
                 "reference; dev/test: one per MR with all references.",
     splits={s: P(_e2e, rel=f"e2e_nlg/{f}.csv", one_per_reference=s == "train")
             for s, f in (("train", "trainset"), ("dev", "devset"), ("test", "testset_w_refs"))}))
 register_task(Task(
     name="webnlg", kind="generation", metric="bleu", prompt="Triples: {text}\nText:",
+    num_beams=5,
     description="WebNLG 2017 DBpedia triples to text. train: one example per reference; test "
                 "has 5 categories unseen in train (meta['category_seen_in_train']).",
     splits={s: P(_webnlg, rel=f"webnlg2017/{s}.jsonl", one_per_reference=s == "train")
