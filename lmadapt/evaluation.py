@@ -68,9 +68,8 @@ def predict_examples(adapted, task, examples, enc: Encoder, batch_size: int = 32
             return [c > r for c, r in zip(chosen, rejected)]
         tok = adapted.tokenizer
         beams = num_beams if num_beams is not None else task.num_beams
-        extra = {"num_beams": beams, "length_penalty": task.length_penalty}
-        if task.no_repeat_ngram_size:
-            extra["no_repeat_ngram_size"] = task.no_repeat_ngram_size
+        extra = {"num_beams": beams, "length_penalty": task.length_penalty,
+                 "no_repeat_ngram_size": task.no_repeat_ngram_size}
 
         def decode(fs):
             batch = enc.collate(fs, adapted.device)
