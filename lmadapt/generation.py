@@ -16,7 +16,7 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, output_scores: bool = False,
              num_beams: int = 1, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-             early_stopping: bool | str = False):
+             early_stopping: bool | str = False, precision: str | None = None):
     """-> new tokens (B, <= max_new_tokens); rows that finished early are padded with pad_token_id.
     With output_scores=True: (tokens, scores), scores (B, n, V) the float32 logits each step chose
     from (what tests compare: token ids alone hide small position errors).
@@ -24,7 +24,16 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     num_beams > 1: beam search (see lmadapt.beam for length_penalty and early_stopping); with
     output_scores its scores are (B, n) log-probs of the tokens chosen, not (B, n, V) logits.
     no_repeat_ngram_size = n > 0 bans any n-gram that already occurs in the generated tokens (the
-    prompt does not count), greedy or beam."""
+    prompt does not count), greedy or beam.
+    precision: 'auto' | 'fp32' | 'bf16' runs the decode under that precision (precision.py); None
+    (the default) leaves it to the caller's context, as evaluation does."""
+    if precision is not None:
+        from .precision import autocast
+        kw = dict(locals())
+        for name in ("adapted", "input_ids", "attention_mask", "precision", "autocast"):
+            kw.pop(name)
+        with autocast(precision, input_ids.device):
+            return generate(adapted, input_ids, attention_mask, **kw)
     if adapted.head is not None:
         raise ValueError("generate() needs an LM (no classification head): attach without num_labels")
     if not adapted.causal:

@@ -104,3 +104,22 @@ def test_eval_logits_close_under_bf16():
     assert y.dtype == torch.bfloat16 or y.dtype == torch.float32
     assert torch.allclose(x, y.float(), atol=3e-2), (x, y)
     assert not torch.equal(x, y.float())  # it did run in bf16
+
+
+def test_generate_takes_precision():
+    tok = make_tokenizer()
+    a = lmadapt.attach(make_model("llama", len(tok)), "prefix", tokenizer=tok, init_seed=0)
+    seen, encode = [], a.encode
+
+    def spy(*args, **kw):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return encode(*args, **kw)
+    a.encode = spy
+    ids = tok(["name cafe price cheap"], return_tensors="pt")
+    for beams in (1, 2):
+        seen.clear()
+        a.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=3, num_beams=beams, precision="bf16")
+        assert seen and all(seen)
+        seen.clear()
+        a.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=3, num_beams=beams)
+        assert seen and not any(seen)
