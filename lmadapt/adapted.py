@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import DamagedFile, existing_dir, read_json_file, read_safetensors, write_dir
+from .heads import POOLINGS, HeadInputs, SlotHead, build_head, pool, slotted  # noqa: F401 (re-exported)
 from .models import fingerprint, is_causal
-
-POOLINGS = ("cls", "mean", "last")
+from .objectives import linear_cross_entropy  # noqa: F401 (re-exported)
+from .prompting.template import SOFT_TOKEN
 
 
 class Slots:
@@ -64,112 +65,6 @@ class Slots:
             self.ids = self.ids.repeat_interleave(n)
 
 
-def slotted(p: nn.Parameter) -> nn.Parameter:
-    """Mark a parameter whose dim 0 is the slot dim: artifacts store one slice of it."""
-    p.lmadapt_slotted = True
-    return p
-
-
-class SlotHead(nn.Module):
-    """Classification head with a slot dim: linear, or a one-hidden-layer MLP."""
-
-    def __init__(self, hidden: int, num_labels: int, slots: Slots, kind: str = "linear", mlp_hidden: int = 256):
-        super().__init__()
-        if kind not in ("linear", "mlp"):
-            raise ValueError(f"unknown head '{kind}'; choose one of: linear, mlp")
-        self.slots, self.kind = slots, kind
-        S = slots.n
-        d_in = hidden
-        if kind == "mlp":
-            self.w1 = slotted(nn.Parameter(torch.randn(S, mlp_hidden, hidden) / hidden ** 0.5))
-            self.b1 = slotted(nn.Parameter(torch.zeros(S, mlp_hidden)))
-            d_in = mlp_hidden
-        self.weight = slotted(nn.Parameter(torch.randn(S, num_labels, d_in) * 0.02))
-        self.bias = slotted(nn.Parameter(torch.zeros(S, num_labels)))
-
-    def _apply_linear(self, x, w, b):
-        w, b = self.slots.pick(w), self.slots.pick(b)
-        if w.dim() == 2:
-            return F.linear(x, w, b)
-        return torch.einsum("bi,boi->bo", x, w) + b  # per-row weights: (B,in) x (B,out,in)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, C)
-        if self.kind == "mlp":
-            x = F.gelu(self._apply_linear(x, self.w1, self.b1))
-        return self._apply_linear(x, self.weight, self.bias)
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, T, H), real-token mask (B, T) -> (B, H). Works for left or right padding."""
-    mask = mask.to(hidden.dtype)
-    if mode == "mean":
-        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-    T = mask.shape[1]
-    pos = torch.arange(T, device=hidden.device)
-    if mode == "cls":   # first real token
-        idx = torch.where(mask > 0, pos, T).min(1).values
-    elif mode == "last":  # last real token
-        idx = torch.where(mask > 0, pos, -1).max(1).values
-    else:
-        raise ValueError(f"unknown pooling '{mode}'; choose one of: {', '.join(POOLINGS)}")
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx.clamp(0, T - 1)]
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (h W^T + b) against t without ever holding the (N, V) logits.
-
-    The forward pass walks over chunks of rows: logits of one chunk, its loss, and at once its
-    gradients (softmax - onehot) W and (softmax - onehot)^T h, so backward only scales them. Same
-    FLOPs as the unfused path (no recomputation); at 8 x 64 tokens and a 49k vocabulary the
-    unfused logits, log-softmax and their gradient would hold ~300 MB.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, t, chunk):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n = len(t)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        for i in range(0, n, chunk):
-            hc, tc = h[i:i + chunk], t[i:i + chunk]
-            logits = F.linear(hc, weight, bias).float()                 # (c, V)
-            lse = logits.logsumexp(-1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if need_h or need_w or need_b:
-                p = logits.sub_(lse[:, None]).exp_()                     # softmax, in place
-                p[torch.arange(len(tc), device=p.device), tc] -= 1       # d loss / d logits
-                if need_h:
-                    gh[i:i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
-                if need_w:
-                    gw += p.T @ hc.float()
-                if need_b:
-                    gb += p.sum(0)
-        ctx.n, ctx.w_dtype = n, weight.dtype
-        ctx.save_for_backward(gh, gw, gb)
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        gh, gw, gb = ctx.saved_tensors
-        scale = grad / ctx.n
-        return (gh * scale.to(gh.dtype) if gh is not None else None,
-                (gw * scale).to(ctx.w_dtype) if gw is not None else None,
-                (gb * scale).to(ctx.w_dtype) if gb is not None else None, None, None)
-
-
-def linear_cross_entropy(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Mean cross-entropy of lm_head(h) against t: (N, H), (N,) -> scalar, chunked and fused.
-    In the head's own dtype (float32 weights: float32) under bf16 autocast too: the 49k-way
-    softmax is where bf16 rounding hurts most."""
-    with torch.autocast(h.device.type, enabled=False):
-        h = h.to(next(lm_head.parameters()).dtype)
-        if not isinstance(lm_head, nn.Linear):  # any other head: the plain path
-            return F.cross_entropy(lm_head(h).float(), t)
-        return _LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, t, chunk)
-
-
 @dataclass
 class AdaptedOutput:
     loss: torch.Tensor | None = None
@@ -183,7 +78,7 @@ class Adapted(nn.Module):
 
     def __init__(self, model: nn.Module, method, *, slots: int = 1, num_labels: int | None = None,
                  label_names: list[str] | None = None, pooling: str | None = None, layer: int = -1,
-                 head: str = "linear", tokenizer=None):
+                 head: str = "linear", head_args: dict | None = None, tokenizer=None):
         super().__init__()
         self.model, self.method, self.tokenizer = model, method, tokenizer
         self.causal = is_causal(model)
@@ -206,11 +101,28 @@ class Adapted(nn.Module):
         # Taken before any training: `full` changes the embeddings, yet its artifact still
         # belongs to this base model.
         self.base_fingerprint = fingerprint(model)
-        self.head = SlotHead(model.config.hidden_size, num_labels, self.slots, head) if num_labels else None
+        self.head = build_head(self, head, **(head_args or {})) if num_labels else None
         self.delta = nn.Module()  # method-owned tensors that live outside the model's modules
         self._num_base = sum(p.numel() for p in model.parameters())  # before inject adds the method's
         method.inject(self)
+        self._check_soft_tokens()
         self.to(model.device)
+
+    def _check_soft_tokens(self) -> None:
+        """A template's {soft:N} slots are filled with the prompt method's k virtual tokens."""
+        template = getattr(self.head, "template", None)
+        n = template.n_soft if template is not None else 0
+        if not n:
+            return
+        if not hasattr(self.delta, "virtual_tokens"):
+            raise ValueError(f"template {template.text!r} has {n} soft tokens ({{soft:N}}): they are the "
+                             f"prompt method's table, but method '{self.method.name}' has none; use "
+                             f"method 'prompt' or 'ptuning' with k={n}, or remove {{soft:N}} from the template")
+        with torch.no_grad():
+            k = self.delta.virtual_tokens(1).shape[1]
+        if k != n:
+            raise ValueError(f"template {template.text!r} has {n} soft tokens but method '{self.method.name}' "
+                             f"has k={k}; set its argument k={n} (--method-args k={n}) or change {{soft:N}}")
 
     # --- forward -----------------------------------------------------------------------------
     @property
@@ -228,14 +140,28 @@ class Adapted(nn.Module):
         active = not self.slots.disabled
         kw = {}
         n_virtual = 0
-        if first and active and hasattr(self.delta, "virtual_tokens"):
+        has_virtual = first and hasattr(self.delta, "virtual_tokens")
+        template = getattr(self.head, "template", None)
+        inline = has_virtual and template is not None and template.n_soft > 0
+        soft = (input_ids == SOFT_TOKEN) if inline else None       # (B, T) the template's {soft:N} slots
+        if has_virtual and active:
             virt = self.delta.virtual_tokens(B)                      # (B, k, H)
-            n_virtual = virt.shape[1]
-            embeds = self.model.get_input_embeddings()(input_ids)
-            kw["inputs_embeds"] = torch.cat([virt.to(embeds.dtype), embeds], 1)
-            mask = torch.cat([mask.new_ones(B, n_virtual), mask], 1)
-            if token_type_ids is not None:
-                token_type_ids = torch.cat([token_type_ids.new_zeros(B, n_virtual), token_type_ids], 1)
+            embeds = self.model.get_input_embeddings()(input_ids.clamp(min=0) if inline else input_ids)
+            if inline:
+                # In place: the j-th soft slot of a row takes virtual token j (each row has k slots,
+                # checked at attach); they are ordinary positions, so nothing is prepended.
+                j = (soft.long().cumsum(1) - 1).clamp(min=0)                      # (B, T)
+                placed = virt.to(embeds.dtype).gather(1, j.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+                kw["inputs_embeds"] = torch.where(soft.unsqueeze(-1), placed, embeds)
+            else:
+                n_virtual = virt.shape[1]
+                kw["inputs_embeds"] = torch.cat([virt.to(embeds.dtype), embeds], 1)
+                mask = torch.cat([mask.new_ones(B, n_virtual), mask], 1)
+                if token_type_ids is not None:
+                    token_type_ids = torch.cat([token_type_ids.new_zeros(B, n_virtual), token_type_ids], 1)
+        elif inline:  # disabled(): a soft slot reads the pad token (nothing to place)
+            pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+            kw["input_ids"] = torch.where(soft, torch.full_like(input_ids, pad), input_ids)
         else:
             kw["input_ids"] = input_ids
         offset = 0
@@ -264,15 +190,39 @@ class Adapted(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, slot_ids=None, position_ids=None,
                 cache=None, use_cache=False, token_type_ids=None, return_logits=None):
+        head = self.head
         with self.slots.route(slot_ids):
+            extends = head is not None and head.needs_cache
             hidden, cache = self.encode(input_ids, attention_mask, position_ids, cache,
-                                        use_cache, token_type_ids)
-            if self.head is not None:
-                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-                logits = self.head(pool(hidden, mask[:, -hidden.shape[1]:], self.pooling))
-                loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-                return AdaptedOutput(loss, logits, hidden, cache)
-            return self._lm(hidden, labels, cache, return_logits)
+                                        use_cache or extends, token_type_ids)
+            if head is None:
+                return self._lm(hidden, labels, cache, return_logits)
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            mask = mask[:, -hidden.shape[1]:]
+            extend = (lambda ids: self._extend(cache, mask, ids)) if extends else None
+            logits = head(HeadInputs(hidden, mask, input_ids, extend))       # (B, C)
+            loss = head.loss(logits, labels) if labels is not None else None
+            return AdaptedOutput(loss, logits, hidden, cache if use_cache else None)
+
+    def _extend(self, cache, mask, ids):
+        """Continue every row from its cached input: ids (M, L), the same M continuations for each
+        of the B rows -> hidden (B, M, L, H). Row b's continuation m runs as row b * M + m on a
+        copy of the cache (the caller's cache is left as it was); positions go on from the input's
+        last real token, after any virtual or prefix positions (as generation.step does)."""
+        from transformers import DynamicCache
+        B, T = mask.shape
+        M, L = ids.shape
+        extra = cache.get_seq_length() - T                     # virtual-token / prefix positions
+        full = torch.cat([mask.new_ones(B, extra), mask], 1).repeat_interleave(M, 0)   # (B*M, extra+T)
+        full = torch.cat([full, full.new_ones(B * M, L)], 1)
+        start = (extra + mask.long().sum(1)).repeat_interleave(M)                      # (B*M,)
+        pos = start[:, None] + torch.arange(L, device=ids.device)                      # (B*M, L)
+        rep = DynamicCache([(layer.keys.repeat_interleave(M, 0), layer.values.repeat_interleave(M, 0))
+                            for layer in cache.layers], config=self.model.config)
+        ids_per_row = self.slots.ids.repeat_interleave(M) if self.slots.ids is not None else None
+        with self.slots.route(ids_per_row):
+            h, _ = self.encode(ids.repeat(B, 1), full, position_ids=pos, cache=rep, use_cache=True)
+        return h.view(B, M, L, -1)
 
     def _lm(self, hidden, labels, cache, return_logits):
         lm_head = self.model.get_output_embeddings()
@@ -340,22 +290,32 @@ class Adapted(nn.Module):
     def state_for_slot(self, slot: int = 0) -> dict[str, torch.Tensor]:
         return self.method.export_state(self, slot)
 
-    def meta(self) -> dict:
+    def meta(self, slot: int = 0) -> dict:
+        head = {"num_labels": self.num_labels, "label_names": self.label_names,
+                "pooling": self.pooling, "layer": self.layer, "kind": self.head_kind}
+        if self.head is not None:  # e.g. the verbalizer's template and label words
+            head |= self.head.config(slot)
         return {
             "lmadapt_version": __version__,
             "method": self.method.name,
             "args": self.method.to_dict(),
             "base_model": self.base_fingerprint,
-            "head": {"num_labels": self.num_labels, "label_names": self.label_names,
-                     "pooling": self.pooling, "layer": self.layer, "kind": self.head_kind},
+            "head": head,
         }
+
+    def input_encoder(self, max_length: int = 128, max_target_length: int = 64):
+        """The Encoder that turns examples into this model's inputs (a verbalizer head's
+        template decides the classification input)."""
+        from .batching import Encoder
+        return Encoder(self.tokenizer, self.causal, max_length, max_target_length,
+                       template=getattr(self.head, "template", None))
 
     def save(self, directory: str | os.PathLike, slot: int = 0, extra: dict | None = None) -> int:
         """Write safetensors + method.json atomically; -> bytes on disk."""
         if not 0 <= slot < self.slots.n:
             raise ValueError(f"slot {slot} out of range [0, {self.slots.n})")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_for_slot(slot).items()}
-        meta = self.meta() | (extra or {})
+        meta = self.meta(slot) | (extra or {})
         return write_artifact(Path(directory), state, meta)
 
     def load_state(self, state: dict[str, torch.Tensor], slot: int = 0) -> None:

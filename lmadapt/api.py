@@ -9,8 +9,8 @@ import torch
 from . import __version__
 from .adapted import Adapted, check_base, read_artifact
 from .atomic import write_json
-from .batching import Encoder, is_classification
-from .methods import Method, get_method
+from .batching import is_classification
+from .methods import METHODS, Method, get_method
 
 
 def _task(task):
@@ -20,36 +20,84 @@ def _task(task):
 
 def attach(model, method: str | Method, *, task=None, tokenizer=None, slots: int = 1,
            num_labels: int | None = None, label_names=None, pooling: str | None = None, layer: int = -1,
-           head: str = "linear", init_seed: int | None = None, **method_args) -> Adapted:
+           head: str | None = None, template: str | None = None, verbalizer=None, token_score: str = "sum",
+           word_combine: str = "mean", init_seed: int | None = None, **method_args) -> Adapted:
     """Attach a method to a loaded model. With a classification `task` (or `num_labels`) a head is
     added; otherwise the model keeps its LM head (generation tasks). `init_seed` fixes the initial
-    weights of the head and the method (a method's own `seed` argument, if any, is separate)."""
+    weights of the head and the method (a method's own `seed` argument, if any, is separate).
+
+    head: 'linear' | 'mlp' | 'verbalizer' (lmadapt.prompting: the LM head scores label words at
+    the template's mask). None picks the verbalizer for a causal LM on a task with default patterns
+    (Task.pvps) or when a `template` is given, unless the method is `probe`; else 'linear'. The
+    verbalizer's template and verbalizer default to the task's first pattern-verbalizer pair.
+    With a template holding {soft:N} and method 'prompt'/'ptuning', k defaults to N."""
     if init_seed is not None:
         torch.manual_seed(init_seed)
-    m = method if isinstance(method, Method) else get_method(method, **method_args)
     if isinstance(method, Method) and method_args:
         raise ValueError("pass method arguments either in the Method object or as keywords, not both")
-    if task is not None:
-        t = _task(task)
-        if is_classification(t):
-            num_labels, label_names = len(t.label_names), list(t.label_names)
+    t = _task(task) if task is not None else None
+    if t is not None and is_classification(t):
+        num_labels, label_names = len(t.label_names), list(t.label_names)
+    cls = type(method) if isinstance(method, Method) else METHODS.get(method)
+    kind, head_args = _resolve_head(model, cls, t, head, template, verbalizer, token_score, word_combine,
+                                    num_labels, label_names)
+    if kind == "verbalizer" and isinstance(method, str) and cls is not None and cls.virtual_tokens \
+            and "k" not in method_args:
+        from .prompting import Template
+        n_soft = Template(head_args["template"]).n_soft
+        if n_soft:
+            method_args["k"] = n_soft
+    m = method if isinstance(method, Method) else get_method(method, **method_args)
     return Adapted(model, m, slots=slots, num_labels=num_labels, label_names=label_names,
-                   pooling=pooling, layer=layer, head=head, tokenizer=tokenizer)
+                   pooling=pooling, layer=layer, head=kind, head_args=head_args, tokenizer=tokenizer)
+
+
+def _resolve_head(model, method_cls, task, head, template, verbalizer, token_score, word_combine,
+                  num_labels, label_names) -> tuple[str, dict]:
+    """-> (head kind, its arguments), with the defaults described in attach()."""
+    from .models import is_causal
+    pvps = getattr(task, "pvps", ()) if task is not None else ()
+    frozen = method_cls is not None and method_cls.frozen_features
+    if head is None:
+        prompted = template is not None or (bool(pvps) and is_causal(model))
+        head = "verbalizer" if prompted and num_labels and not frozen else "linear"
+    if head != "verbalizer":
+        if template is not None or verbalizer is not None:
+            raise ValueError(f"template/verbalizer belong to the verbalizer head, not head '{head}'; "
+                             "pass head='verbalizer' (--head verbalizer)")
+        return head, {}
+    if not num_labels:
+        raise ValueError("the verbalizer head classifies: attach with a classification task (task=...) or "
+                         "label_names=[...]")
+    if template is None:
+        if not pvps:
+            name = getattr(task, "name", None)
+            raise ValueError(f"task '{name}' has no default pattern: pass a template, e.g. "
+                             "template='{text} It was {mask}.' (--template), and a verbalizer")
+        template = pvps[0][0]
+    if verbalizer is None:
+        from .prompting import Verbalizer
+        verbalizer = pvps[0][1] if pvps else Verbalizer.from_label_names(label_names).spec()
+    return "verbalizer", {"template": template, "verbalizer": verbalizer, "token_score": token_score,
+                          "word_combine": word_combine}
 
 
 def load_adapted(directory, model=None, tokenizer=None, slots: int = 1) -> Adapted:
     """Rebuild an Adapted model from an artifact folder (method.json + safetensors). The base
-    model is loaded from the name recorded in the artifact unless `model` is given."""
+    model is loaded from the name recorded in the artifact unless `model` is given. The head is
+    rebuilt from its record (a verbalizer's template, words and calibration included)."""
     from .models import load
     meta, state = read_artifact(directory)
     if model is None:
         model, tokenizer = load(meta["base_model"]["name"])
     check_base(meta, model, str(directory))
     head = meta["head"]
+    head_args = {k: v for k, v in head.items() if k not in ("num_labels", "label_names", "pooling", "layer", "kind")}
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()}
     adapted = Adapted(model, get_method(meta["method"], **args), slots=slots,
                       num_labels=head["num_labels"], label_names=head["label_names"],
-                      pooling=head["pooling"], layer=head["layer"], head=head["kind"], tokenizer=tokenizer)
+                      pooling=head["pooling"], layer=head["layer"], head=head["kind"], head_args=head_args,
+                      tokenizer=tokenizer)
     adapted.load_state(state, 0)
     adapted.eval()
     return adapted
@@ -97,9 +145,11 @@ def is_main_process() -> bool:
 
 def evaluate(adapted: Adapted, task, *, split: str = "dev", examples=None, data_root=None,
              batch_size: int = 32, max_new_tokens: int = 48, max_length: int = 128, limit: int | None = None,
-             precision: str = "auto", progress: bool = False, num_beams: int | None = None) -> dict:
+             first: int | None = None, precision: str = "auto", progress: bool = False,
+             num_beams: int | None = None) -> dict:
     """Metrics on a task's split (or on `examples`), on at most `limit` of them (a fixed-seed
-    random subset, see data.subsample); -> metrics | {'n': used, 'n_available': in the split}."""
+    random subset, see data.subsample) or on the `first` N; -> metrics | {'n': used,
+    'n_available': in the split}."""
     from .data import subsample
     from .evaluation import evaluate_examples
     t = _task(task)
@@ -108,8 +158,10 @@ def evaluate(adapted: Adapted, task, *, split: str = "dev", examples=None, data_
     if is_classification(t) and adapted.num_labels is not None and len(t.label_names) != adapted.num_labels:
         raise ValueError(f"task '{t.name}' has {len(t.label_names)} labels but the model's head has "
                          f"{adapted.num_labels}")
-    used = subsample(examples, limit)
-    enc = Encoder(adapted.tokenizer, adapted.causal, max_length)
+    if first is not None and limit is not None:
+        raise ValueError("evaluate on the first N examples or on a random subset of N (limit), not both")
+    used = list(examples)[:first] if first is not None else subsample(examples, limit)
+    enc = adapted.input_encoder(max_length)
     metrics = evaluate_examples(adapted, t, used, enc, batch_size, max_new_tokens, precision=precision,
                                 progress=progress, num_beams=num_beams)
     return metrics | {"n": len(used), "n_available": len(examples)}
@@ -120,7 +172,7 @@ def predict(adapted: Adapted, task, examples, batch_size: int = 32, max_new_toke
     """Label names for classification, generated text for generation tasks."""
     from .evaluation import predict_examples
     t = _task(task)
-    enc = Encoder(adapted.tokenizer, adapted.causal, max_length)
+    enc = adapted.input_encoder(max_length)
     preds = predict_examples(adapted, t, examples, enc, batch_size, max_new_tokens, precision=precision,
                              progress=progress)
     if is_classification(t):
@@ -149,6 +201,20 @@ def build_result(adapted: Adapted, task, metrics: dict, summary: dict, *, shots,
         "history": summary["history"], "evals": summary["evals"],
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "precision": summary.get("precision"), "precision_requested": summary["config"].get("precision"),
+        "versions": {"lmadapt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def eval_record(adapted: Adapted, task, split: str, metrics: dict, **extra) -> dict:
+    """What `lmadapt eval --out DIR` writes to DIR/result.json: the model, method, head (a
+    verbalizer's template and words), split and metrics, plus `extra` (ensemble members, ...)."""
+    import transformers
+    t = _task(task)
+    return {
+        "model": getattr(adapted.model.config, "lmadapt_name", adapted.model.config.model_type),
+        "task": t.name, "split": split, "method": adapted.method.name, "method_args": adapted.method.to_dict(),
+        "head": adapted.meta()["head"], "metrics": {split: metrics}, **extra,
         "versions": {"lmadapt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }

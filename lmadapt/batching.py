@@ -1,6 +1,8 @@
 """Examples -> token ids -> padded batches.
 
-Classification: encoders get the tokenizer's pair encoding; causal LMs get `text\\ntext_pair`.
+Classification: encoders get the tokenizer's pair encoding; causal LMs get `text\\ntext_pair`;
+with a verbalizer head, its template decides the input (prompting/template.py). A label is a
+class index, or a tuple of C teacher scores (distillation: PET's soft labels) -> labels (B, C).
 Generation: `task.prompt` formatted with the example, then " target<eos>"; the loss sees the
 target tokens only (labels = -100 elsewhere). Causal LMs pad left, encoders right.
 """
@@ -28,10 +30,13 @@ class Encoder:
     causal: bool
     max_length: int = 128
     max_target_length: int = 64
+    template: object = None          # prompting.Template of a verbalizer head, or None
 
     def classification(self, ex) -> dict:
         tok = self.tokenizer
-        if not self.causal:
+        if self.template is not None:
+            out = self.template.encode(tok, ex, self.causal, self.max_length)
+        elif not self.causal:
             enc = tok(ex.text, ex.text_pair, truncation=True, max_length=self.max_length)
             out = {"input_ids": enc["input_ids"]}
             if "token_type_ids" in enc:
@@ -40,7 +45,9 @@ class Encoder:
             text = ex.text if ex.text_pair is None else f"{ex.text}\n{ex.text_pair}"
             ids = tok(text, add_special_tokens=False)["input_ids"]
             out = {"input_ids": ids[-self.max_length:]}  # keep the end: last-token pooling reads it
-        if ex.label is not None:
+        if isinstance(ex.label, (tuple, list)):  # soft label: C teacher scores
+            out["labels"] = tuple(float(v) for v in ex.label)
+        elif ex.label is not None:
             out["labels"] = int(ex.label)
         return out
 
@@ -91,8 +98,12 @@ class Encoder:
             batch["token_type_ids"] = torch.tensor([padded(f["token_type_ids"], 0) for f in feats])
         if "labels" in feats[0]:
             lab = [f["labels"] for f in feats]
-            batch["labels"] = torch.tensor([padded(x, -100) for x in lab]) if isinstance(lab[0], list) \
-                else torch.tensor(lab)
+            if isinstance(lab[0], list):      # token labels (generation), padded like the input
+                batch["labels"] = torch.tensor([padded(x, -100) for x in lab])
+            elif isinstance(lab[0], tuple):   # soft labels (B, C)
+                batch["labels"] = torch.tensor(lab, dtype=torch.float32)
+            else:
+                batch["labels"] = torch.tensor(lab)
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
         return batch

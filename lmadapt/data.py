@@ -67,7 +67,8 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path:
 class Example:
     """One example of any task kind; fields a kind does not use stay None.
 
-    `label` is a class index into `Task.label_names`. `target` is what a generation model should
+    `label` is a class index into `Task.label_names` (or, for distillation, a tuple of C teacher
+    scores: PET's soft labels). `target` is what a generation model should
     produce (for preference tasks: the chosen response), `references` every acceptable output for
     multi-reference metrics (BLEU, ROUGE-L, SQuAD). Loaders return fresh copies, so callers may
     edit examples (e.g. PET's pseudo-labels) without corrupting the cache.

@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 from .data import (Example, data_error, label_index, label_key, read_json, read_rows,
                    resolve_data_root, sorted_labels, text_field)
 from .metrics import METRICS
+from .prompting.pvps import NLI_PVPS, RTE_PVPS, SENTIMENT_PVPS
 
 KINDS = ("classification", "pair_classification", "generation", "preference", "instruction")
 CLASSIFICATION_KINDS = ("classification", "pair_classification")
@@ -46,6 +47,8 @@ class Task:
     `uses_data_root` is False for tasks built from user files, which need no data root.
     `num_beams`, `length_penalty`, `no_repeat_ngram_size`: how evaluation decodes generation tasks
     (num_beams=1: greedy; see lmadapt.beam for the other two).
+    `pvps`: pattern-verbalizer pairs (template, verbalizer) for prompt-based classification
+    (lmadapt.prompting); the first is the verbalizer head's default, all of them PET's ensemble.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Task:
     num_beams: int = 1
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    pvps: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         def fail(problem):
@@ -81,6 +85,14 @@ class Task:
             fail(f"num_beams must be an int >= 1 (1: greedy), got {self.num_beams!r}")
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             fail(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {self.no_repeat_ngram_size!r}")
+        if self.pvps:
+            if self.kind not in CLASSIFICATION_KINDS:
+                fail(f"kind '{self.kind}' takes no pvps (they verbalize class labels)")
+            from .prompting import Template, Verbalizer
+            for template, verbalizer in self.pvps:  # a typo fails at import, not mid-run
+                Template(template)
+                Verbalizer.parse(verbalizer, self.label_names)
+            object.__setattr__(self, "pvps", tuple((t, v) for t, v in self.pvps))
         # Tuples and a read-only view of splits: Task is frozen, and all of these define it.
         object.__setattr__(self, "label_names", tuple(self.label_names))
         object.__setattr__(self, "ood", tuple(self.ood))
@@ -307,13 +319,13 @@ register_task(Task(
                 "GLUE test sentences (unverified provenance; secondary).",
     splits={s: _glue(f"sst2/{f}.tsv", "sentence", BINARY)
             for s, f in (("train", "train"), ("dev", "dev"), ("test", "test_labeled_autoprompt"))},
-    ood=("imdb",) + AMAZON_TASKS))
+    ood=("imdb",) + AMAZON_TASKS, pvps=SENTIMENT_PVPS))
 register_task(Task(
     name="imdb", kind="classification", label_names=SENTIMENT, metric="accuracy",
     description="IMDB reviews, eval only (1k dev + 1k test, balanced). The file's labels are "
                 "inverted ('0' = positive); loaded so that 1 = positive as in SST-2.",
     splits={s: P(_classification, rel=f"imdb/{s}.jsonl", text_col="ori", labels=IMDB_LABELS)
-            for s in ("dev", "test")}))
+            for s in ("dev", "test")}, pvps=SENTIMENT_PVPS))
 for _domain in AMAZON_DOMAINS:
     register_task(Task(
         name=f"amazon_{_domain}", kind="classification", label_names=SENTIMENT, metric="accuracy",
@@ -322,12 +334,12 @@ for _domain in AMAZON_DOMAINS:
         # Quoted fields with embedded newlines and tabs: default csv quoting, unlike GLUE.
         splits={s: P(_classification, rel=f"amazon_multidomain/{_domain}/{s}.tsv",
                      text_col="sentence", labels=BINARY) for s in ("train", "dev")},
-        ood=tuple(t for t in AMAZON_TASKS if t != f"amazon_{_domain}") + ("sst2", "imdb")))
+        ood=tuple(t for t in AMAZON_TASKS if t != f"amazon_{_domain}") + ("sst2", "imdb"), pvps=SENTIMENT_PVPS))
 register_task(Task(
     name="rte", kind="pair_classification", label_names=tuple(RTE_LABELS), metric="accuracy",
     prompt="{text}\n{text_pair}", description="GLUE RTE textual entailment (premise, hypothesis).",
     splits={s: _glue(f"rte/{s}.tsv", "sentence1", RTE_LABELS, "sentence2")
-            for s in ("train", "dev")}))
+            for s in ("train", "dev")}, pvps=RTE_PVPS))
 for _name, _other in (("mnli", "snli"), ("snli", "mnli")):
     register_task(Task(
         name=_name, kind="pair_classification", label_names=tuple(NLI_LABELS), metric="accuracy",
@@ -337,7 +349,7 @@ for _name, _other in (("mnli", "snli"), ("snli", "mnli")):
         splits={s: P(_classification, rel=f"{_name}_subset/{f}.jsonl", text_col="text_a",
                      labels=NLI_LABELS, pair_col="text_b")
                 for s, f in (("train", "train"), ("dev", "heldout"))},
-        ood=(_other,)))
+        ood=(_other,), pvps=NLI_PVPS))
 register_task(Task(
     name="e2e_nlg", kind="generation", metric="bleu", prompt="Table: {text}\nText:",
     num_beams=5,  # Li & Liang (2021) decode E2E and WebNLG with beam search, beam size 5

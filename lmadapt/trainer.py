@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import existing_dir
-from .batching import Encoder
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import subsample
 from .evaluation import evaluate_examples, metric_value
@@ -105,7 +104,7 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                          f"({world} x {cfg.grad_accum})")
     torch.manual_seed(cfg.seed)
-    enc = Encoder(adapted.tokenizer, adapted.causal, cfg.max_length, cfg.max_target_length)
+    enc = adapted.input_encoder(cfg.max_length, cfg.max_target_length)
     device = acc.device
     adapted.to(device)
     precision = resolve(cfg.precision, device)

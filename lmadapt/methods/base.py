@@ -59,6 +59,8 @@ class Method:
     supports_slots: ClassVar[bool] = True
     # Whether the head/loss path may use cached frozen features (probe only).
     frozen_features: ClassVar[bool] = False
+    # Whether the method's k virtual tokens can fill a template's {soft:N} slots (prompt, ptuning).
+    virtual_tokens: ClassVar[bool] = False
     default_lr: ClassVar[float] = 1e-3
     default_epochs: ClassVar[float] = 1.0
 

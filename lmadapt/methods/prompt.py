@@ -146,6 +146,7 @@ def initial_prompt(adapted, k: int, init: str, seed: int, method: str) -> torch.
 @dataclass(frozen=True)
 class Prompt(Method):
     name = "prompt"
+    virtual_tokens = True
     summary = "prompt tuning: k soft tokens prepended to the input; init vocab|labels|random"
     default_lr = 3e-2        # soft prompts need a high lr (Lester et al. used 0.3 with Adafactor)
     default_epochs = 3.0
@@ -166,6 +167,7 @@ class Prompt(Method):
 @dataclass(frozen=True)
 class PTuning(Method):
     name = "ptuning"
+    virtual_tokens = True
     summary = ("P-tuning v1: prompt encoder (mlp|lstm, as PEFT) makes k soft tokens; stored folded "
                "as a plain table (slots > 1: plain tables)")
     default_lr = 1e-3        # the encoder is an ordinary MLP/LSTM: the high prompt-tuning lr diverges

@@ -1,0 +1,16 @@
+"""Prompt-based classification: the task phrased as the LM's own fill-in-the-blank.
+
+- template.py   `{text} It was {mask}.`: fields, fixed text, soft tokens, the mask slot
+- verbalizer.py label -> label words, and how words and tokens are scored
+- head.py       the verbalizer head (a classification head like the linear one) and calibration
+- ensemble.py   ensembles over patterns, verbalizers and pattern-verbalizer pairs
+- pet.py        PET and iPET (Schick & Schuetze 2021)
+
+Importing this package registers the 'verbalizer' head (lmadapt.heads.HEADS). ensemble and pet
+use the public API (lmadapt.api) and are imported on their own.
+"""
+from .head import CONTENT_FREE, VerbalizerHead, calibrate, lm_head_of  # noqa: F401
+from .template import SOFT_TOKEN, Template  # noqa: F401
+from .verbalizer import Verbalizer  # noqa: F401
+
+__all__ = ["CONTENT_FREE", "SOFT_TOKEN", "Template", "Verbalizer", "VerbalizerHead", "calibrate", "lm_head_of"]
