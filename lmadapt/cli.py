@@ -69,7 +69,7 @@ def cmd_train(a) -> int:
     lmadapt.get_method(a.method, **method_args)  # bad method arguments fail before the model loads
     model, tok = lmadapt.load(a.model)
     adapted = lmadapt.attach(model, a.method, task=task, tokenizer=tok, pooling=a.pooling, layer=a.layer,
-                             head=a.head, init_seed=a.seed, **method_args)
+                             init_seed=a.seed, **_head_args(a), **method_args)
     cfg_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = {k: v for k, v in vars(a).items() if k in cfg_fields and v is not None and k not in ("seed", "max_ood")}
     cfg["progress"] = not a.no_progress
@@ -91,18 +91,73 @@ def _load_run(run: str):
     return lmadapt.load_adapted(art)
 
 
+def _unescape(text: str) -> str:
+    """Templates typed in a shell: '\\n' and '\\t' become a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _head_args(a) -> dict:
+    """--head/--template/--verbalizer/... -> attach() keywords (one template and verbalizer)."""
+    templates, verbalizers = getattr(a, "template", None) or [], getattr(a, "verbalizer", None) or []
+    if len(templates) > 1 or len(verbalizers) > 1:
+        raise ValueError("several --template/--verbalizer make an ensemble, which only `lmadapt eval` and "
+                         "`lmadapt pet` take; give one of each")
+    return {"head": a.head, "template": _unescape(templates[0]) if templates else None,
+            "verbalizer": verbalizers[0] if verbalizers else None,
+            "token_score": a.token_score, "word_combine": a.word_combine}
+
+
 def cmd_eval(a) -> int:
     import lmadapt
+    from .api import eval_record
     from .atomic import write_json
-    adapted = _load_run(a.run)
+    from .data import subsample
     task = _task_from_args(a) if (a.task or a.train) else None
     if task is None:
         raise ValueError("give --task NAME to evaluate on")
-    metrics = lmadapt.evaluate(adapted, task, split=a.split, data_root=a.data_root, batch_size=a.batch_size,
-                               limit=a.max_eval, precision=a.precision, progress=not a.no_progress)
-    print(json.dumps({"task": task.name, "split": a.split, **metrics}, indent=2))
-    if Path(a.run).is_dir():
-        write_json(Path(a.run) / f"eval-{task.name}-{a.split}.json", {"task": task.name, "split": a.split, **metrics})
+    if a.limit is not None and a.max_eval is not None:
+        raise ValueError("give --limit N (the first N examples) or --max-eval N (a random subset), not both")
+    templates = [_unescape(t) for t in a.template or []]
+    verbalizers = list(a.verbalizer or [])
+    ensemble = a.patterns is not None or len(templates) > 1 or len(verbalizers) > 1
+    if a.run:
+        if templates or verbalizers or a.patterns is not None or a.head:
+            raise ValueError("--run evaluates the run's own head (its method.json); --head, --template, "
+                             "--verbalizer and --patterns are for zero-shot evaluation without --run")
+        adapted = _load_run(a.run)
+    else:  # zero-shot: the base model as it is, the LM head classifies
+        if (a.head or "verbalizer") != "verbalizer":
+            raise ValueError("without --run nothing is trained: zero-shot evaluation needs --head verbalizer")
+        model, tok = lmadapt.load(a.model)
+        # the head to start from; an ensemble swaps in each member's (prompting.ensemble.use_pvp)
+        one = {"template": templates[0] if templates else None,
+               "verbalizer": verbalizers[0] if verbalizers else None}
+        adapted = lmadapt.attach(model, "none", task=task, tokenizer=tok, head="verbalizer",
+                                 token_score=a.token_score, word_combine=a.word_combine, **one)
+    examples = task.load(a.split, a.data_root)
+    opts = dict(batch_size=a.batch_size, precision=a.precision, progress=not a.no_progress)
+    extra = {"calibrated": bool(a.calibrate)}
+    if ensemble:
+        from .prompting.ensemble import evaluate_pvps, pvps_of
+        pvps = pvps_of(task, a.patterns, templates, verbalizers)
+        used = examples[:a.limit] if a.limit is not None else subsample(examples, a.max_eval)
+        weigh = subsample(task.load(a.weight_split, a.data_root), a.weight_limit) if a.ensemble == "weighted" else None
+        res = evaluate_pvps(adapted, task, pvps, used, mode=a.ensemble, weight_examples=weigh,
+                            calibrate=a.calibrate, **opts)
+        metrics = {"accuracy": res["ensemble"]["accuracy"], "n": len(used), "n_available": len(examples)}
+        extra |= res
+    else:
+        if a.calibrate:
+            from .prompting import calibrate
+            calibrate(adapted, precision=a.precision)
+        metrics = lmadapt.evaluate(adapted, task, examples=examples, first=a.limit, limit=a.max_eval, **opts)
+    report = {"task": task.name, "split": a.split, **metrics, **extra}
+    print(json.dumps(report, indent=2))
+    if a.run and Path(a.run).is_dir():
+        write_json(Path(a.run) / f"eval-{task.name}-{a.split}.json", report)
+    if a.out:
+        write_json(Path(a.out) / "result.json", eval_record(adapted, task, a.split, metrics, **extra))
+        print(f"wrote {Path(a.out) / 'result.json'}")
     return 0
 
 
@@ -208,6 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--text-pair-col", help="column holding the second text of a pair")
         sp.add_argument("--label-col", help="column holding the label")
 
+    def prompt_args(sp, many=False):
+        sp.add_argument("--head", choices=["linear", "mlp", "verbalizer"],
+                        help="classification head; default: verbalizer for a causal LM on a task with default "
+                             "patterns (not with probe), else linear")
+        more = " (repeat it: an ensemble over every template x verbalizer)" if many else ""
+        sp.add_argument("--template", action="append", help="verbalizer head's pattern, e.g. "
+                        "'{text} It was {mask}.' (fields {text} {text_pair} {mask} {soft:N}; \\n = newline)" + more)
+        sp.add_argument("--verbalizer", action="append", help="label words, e.g. "
+                        "'negative=terrible|bad,positive=great|good' (default: the task's)" + more)
+        sp.add_argument("--token-score", choices=["sum", "mean"], default="sum",
+                        help="multi-token word: sum (its log-prob) or mean of its token log-probs (sum)")
+        sp.add_argument("--word-combine", choices=["mean", "logsumexp"], default="mean",
+                        help="several words per label: mean log-prob or logsumexp (mean)")
+
     def common(sp):
         sp.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16")
@@ -227,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a crash")
     t.add_argument("--pooling", choices=["cls", "mean", "last"], help="classification pooling (default last/mean)")
     t.add_argument("--layer", type=int, default=-1, help="hidden layer fed to the head (default -1: last)")
-    t.add_argument("--head", choices=["linear", "mlp"], default="linear", help="classification head (linear)")
+    prompt_args(t)
     g = t.add_argument_group("optimization (defaults: the method's own, see `lmadapt methods`)")
     for name, typ, text in [
             ("lr", float, "peak learning rate of AdamW (default: the method's)"),
@@ -249,12 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     common(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a trained run on a task", description="Example: lmadapt eval --run runs/x --task imdb")
-    e.add_argument("--run", required=True, help="run folder (or artifact folder)")
+    e = sub.add_parser("eval", help="evaluate a trained run, or a model zero-shot with the verbalizer head",
+                       description="Examples: lmadapt eval --run runs/x --task imdb | lmadapt eval --model smollm2-135m "
+                                   "--task sst2 --head verbalizer --calibrate --limit 200 | lmadapt eval --task sst2 "
+                                   "--patterns all")
+    e.add_argument("--run", help="run folder (or artifact folder); without it: zero-shot prompting of --model")
+    e.add_argument("--model", default=DEFAULT_MODEL, help=f"zero-shot: packaged name or local HF dir ({DEFAULT_MODEL})")
     data_args(e, train_file=False)
     e.add_argument("--split", default="dev")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-eval", type=int, help="evaluate a fixed random subset of this size (default: all)")
+    e.add_argument("--limit", type=int, help="evaluate the first N examples of the split")
+    e.add_argument("--out", help="folder to write result.json into")
+    prompt_args(e, many=True)
+    e.add_argument("--calibrate", action="store_true",
+                   help="contextual calibration (Zhao et al. 2021): divide by the label probabilities of 'N/A', '', '[MASK]'")
+    e.add_argument("--patterns", help="ensemble of the task's PVPs by index ('0,2') or 'all'; reports each member")
+    e.add_argument("--ensemble", choices=["mean", "weighted", "vote"], default="mean",
+                   help="mean probabilities (default), weighted by each member's accuracy on --weight-split, or vote")
+    e.add_argument("--weight-split", default="train", help="weighted ensembles: labeled split the weights come from")
+    e.add_argument("--weight-limit", type=int, default=200, help="weighted ensembles: examples of --weight-split (200)")
     common(e)
     e.set_defaults(func=cmd_eval)
 
