@@ -29,7 +29,7 @@ ALL = "probe,full,lora,adapter,bitfit,prompt,ptuning,prefix,ptuning2,ladder,intr
 def run(method, a, train, dev, ood):
     torch.manual_seed(a.seed)
     model, tok = lmadapt.load(a.model)
-    adapted = lmadapt.attach(model, method, task="sst2", tokenizer=tok)
+    adapted = lmadapt.attach(model, method, task="sst2", tokenizer=tok, head="linear")
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         r = lmadapt.train(adapted, "sst2", train_examples=train, dev_examples=dev, ood=[], seed=a.seed,

@@ -41,7 +41,7 @@ def sst2_run(precision: str, n_train: int, steps: int, n_dev: int) -> dict:
     from sst2_split import sst2_split
     train, dev, _ = sst2_split(n_train, 0)
     model, tok = lmadapt.load("smollm2-135m")
-    adapted = lmadapt.attach(model, "lora", task="sst2", tokenizer=tok, init_seed=0)
+    adapted = lmadapt.attach(model, "lora", task="sst2", tokenizer=tok, head="linear", init_seed=0)
     t = time.perf_counter()
     r = lmadapt.train(adapted, "sst2", train_examples=train, dev_examples=dev, max_steps=steps, batch_size=16,
                       lr=2e-3, max_length=64, max_eval=n_dev, eval_every=steps, ood=[], precision=precision,

@@ -22,7 +22,7 @@ from sst2_split import sst2_split
 def run(method: str, a, train, dev, ood) -> dict:
     torch.manual_seed(a.seed)
     model, tok = lmadapt.load(a.model)
-    adapted = lmadapt.attach(model, method, task="sst2", tokenizer=tok)
+    adapted = lmadapt.attach(model, method, task="sst2", tokenizer=tok, head="linear")
     cfg = dict(batch_size=16, max_length=64, eval_batch_size=32, progress=True)
     if method == "full":
         cfg |= dict(epochs=1, lr=a.full_lr)
