@@ -3,6 +3,7 @@ labels from the other models only; distillation lowers the KL to the teacher's s
 whole loop on a tiny model writes every member's and the ensemble's accuracy and resumes without
 training again; `lmadapt pet` is a thin command over it."""
 import json
+import math
 
 import pytest
 import torch
@@ -77,6 +78,10 @@ def test_distillation_kl_by_hand():
     # student uniform, teacher (log 3, 0): q = (3/4, 1/4) at T = 1; KL = 3/4 log(3/2) + 1/4 log(1/2)
     kl = distillation_kl(torch.zeros(1, 2), torch.tensor([[torch.log(torch.tensor(3.0)), 0.0]]), 1.0)
     assert float(kl) == pytest.approx(0.75 * torch.log(torch.tensor(1.5)).item() + 0.25 * torch.log(torch.tensor(0.5)).item())
+    # T = 2 on both sides: student (2 log 2, 0) / 2 -> p = (2/3, 1/3), teacher (2 log 3, 0) / 2 ->
+    # q = (3/4, 1/4); KL(q || p) = 3/4 log(9/8) + 1/4 log(3/4), times T^2 = 4
+    kl2 = distillation_kl(torch.tensor([[2 * math.log(2), 0.0]]), torch.tensor([[2 * math.log(3), 0.0]]), 2.0)
+    assert float(kl2) == pytest.approx(4 * (0.75 * math.log(9 / 8) + 0.25 * math.log(0.75)), rel=1e-5)
     assert float(distillation_kl(torch.ones(2, 3), torch.ones(2, 3), 2.0)) == pytest.approx(0.0, abs=1e-7)
 
 

@@ -34,10 +34,10 @@ def _randomize(a, seed=0):
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def _by_hand(tok, logits_of, token_score="sum", word_combine="mean"):
-    """(len(TEXTS), 2): each label's words scored from one plain forward of prefix + word each."""
+def _by_hand(tok, logits_of, token_score="sum", word_combine="mean", texts=TEXTS):
+    """(len(texts), 2): each label's words scored from one plain forward of prefix + word each."""
     out = []
-    for text in TEXTS:
+    for text in texts:
         prefix = ids(tok, text + " it was")
         row = []
         for words in WORDS:
@@ -149,8 +149,12 @@ def test_mixed_slots_equal_rows_alone(method):
     _randomize(a, seed=1)
     slot_ids = torch.tensor([2, 0, 1])
     mixed = _scores(a, slot_ids=slot_ids)
+    lm = model.get_output_embeddings()
     for i, text in enumerate(TEXTS):
         torch.testing.assert_close(mixed[i:i + 1], _scores(a, [text], slot_ids=slot_ids[i:i + 1]), atol=1e-5, rtol=0)
+        with a.slots.route(slot_ids[i:i + 1]), torch.no_grad():   # its slot reaches the word tokens too
+            alone = _by_hand(tok, lambda x: lm(a.encode(x)[0]), texts=[text])
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(mixed, _scores(a, slot_ids=torch.zeros(3, dtype=torch.long)), atol=1e-4)
 
 

@@ -23,6 +23,7 @@ def test_verbalizer_head_trains_with_every_method(method, arch):
     frozen = {n: p.detach().clone() for n, p in a.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in a.named_parameters() if p.requires_grad}
     assert trained, "the method has tensors to train"
+    assert frozen or method == "full", "the base model is frozen"
     enc = a.input_encoder()
     batch = enc.collate([enc.classification(ex) for ex in TOY_PVP.load("train")[:16]])
     # intrinsic and ladder start at exactly the base model; a fixed, larger lr shows the fall in 8 steps
