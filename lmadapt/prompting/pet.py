@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import Example, sample_kshot, subsample
+from ..data import sample_kshot, subsample
 from ..objectives import distillation_kl
 from .ensemble import accuracy_of, average_scores, member_scores
 
