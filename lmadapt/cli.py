@@ -182,7 +182,7 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         m = r["metrics"]
-        evals = "  ".join(f"{k}: {', '.join(f'{mk}={mv:.2f}' for mk, mv in v.items() if mk != 'n')}"
+        evals = "  ".join(f"{k}: {', '.join(f'{mk}={mv:.2f}' for mk, mv in v.items() if mk not in ('n', 'n_available'))}"
                           for k, v in m.items())
         rows.append([r["method"], r["task"], f"{r['trainable_percent']:.3f}%",
                      f"{(r['bytes_on_disk'] or 0) / 1e6:.2f} MB", f"{r['train_seconds']:.0f}s",
