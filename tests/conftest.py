@@ -4,6 +4,7 @@ used only by tests marked `integration`."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +18,17 @@ torch.set_num_threads(1)
 
 from lmadapt.data import Example
 from lmadapt.tasks import Task
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for CLI / `accelerate launch` subprocesses: PYTHONPATH puts THIS checkout's
+    lmadapt first, where the installed `lmadapt` script alone would import whichever checkout was
+    pip-installed (-e) into the environment."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""), **extra}
 
 WORDS = ("the a movie film was is it this that and but very not really good great fine bad awful "
          "boring fun plot actor story with of to in for on at by an as be are so too much more "

@@ -1,7 +1,6 @@
 """The training loop: determinism, exact resume after the process is killed, and 2 processes
 under `accelerate launch` following the 1-process loss trajectory."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmadapt
-from conftest import TOY_CLS, TOY_GEN, _toy_examples, make_model, make_tokenizer
+from conftest import TOY_CLS, TOY_GEN, _toy_examples, make_model, make_tokenizer, subprocess_env
 
 BIN = Path(sys.executable).parent
 
@@ -76,7 +75,7 @@ def test_result_json_fields(tmp_path):
 def test_resume_after_kill_matches_uninterrupted(tiny_dir, toy_tsv, tmp_path):
     args = ("--method", "lora", "--method-args", "r=4,dropout=0.1", "--max-steps", "120", "--batch-size", "8",
             "--save-every", "4", "--eval-every", "120")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     subprocess.run(_cli(tiny_dir, toy_tsv, tmp_path / "ref", *args), check=True, env=env, capture_output=True)
 
     out = tmp_path / "killed"
@@ -112,7 +111,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir, toy_tsv, tmp_path):
 
 def test_two_processes_same_trajectory_as_one(tiny_dir, toy_tsv, tmp_path):
     args = ("--method", "lora", "--max-steps", "6", "--batch-size", "8", "--eval-every", "6")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     one = subprocess.run(_cli(tiny_dir, toy_tsv, tmp_path / "one", *args), env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -176,7 +175,7 @@ def test_finishes_on_the_best_dev_checkpoint(tmp_path, with_out):
 
 def test_resume_refuses_other_settings(tiny_dir, toy_tsv, tmp_path):
     args = ("--method", "lora", "--max-steps", "4", "--batch-size", "8", "--save-every", "2")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     subprocess.run(_cli(tiny_dir, toy_tsv, tmp_path / "r", *args), check=True, env=env, capture_output=True)
     r = subprocess.run(_cli(tiny_dir, toy_tsv, tmp_path / "r", "--method", "lora", "--max-steps", "4",
                             "--batch-size", "16", "--resume"), env=env, capture_output=True, text=True)
@@ -207,7 +206,7 @@ if is_main_process():
 def test_two_processes_uneven_and_generation(tmp_path):
     """Last batch not divisible, variable target lengths: 2 processes still follow 1 process."""
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     for procs in (1, 2):
         script = tmp_path / f"run{procs}.py"
         script.write_text(LAUNCHED.format(tests=tests, path=str(tmp_path / f"out{procs}.json")))
