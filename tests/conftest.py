@@ -135,3 +135,21 @@ def toy_cls():
 @pytest.fixture
 def toy_gen():
     return TOY_GEN
+
+
+def plain_hidden(model, batch):
+    """Last hidden states of a plain HF model, positions counted from each row's first real token
+    (lmadapt's convention, which makes left padding harmless)."""
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model.base_model(**batch, position_ids=pos).last_hidden_state
+
+
+def load_merged(adapted, plain):
+    """Copy a merged Adapted model's base weights into `plain`, an untouched copy of its base model
+    with no method modules: the merged model on its own, as a user would ship it. Strict: every
+    base tensor must be there under its original name."""
+    sd = {k.replace(".base.", "."): v for k, v in adapted.model.state_dict().items()
+          if "lora_" not in k and "bias_delta" not in k}
+    plain.load_state_dict(sd, strict=True)
+    return plain
