@@ -152,12 +152,15 @@ def test_generate_left_padded_equals_rows_alone(arch_c, method):
     randomize(adapted, std=0.05)
     adapted.eval()
     b = batch(tok)
-    out = adapted.generate(b["input_ids"], b["attention_mask"], max_new_tokens=5, eos_token_id=-1)
+    out, scores = adapted.generate(b["input_ids"], b["attention_mask"], max_new_tokens=5, eos_token_id=-1,
+                                   output_scores=True)
     assert out.shape == (3, 5)
     for i, text in enumerate(TEXTS):
         one = batch(tok, [text])
-        alone = adapted.generate(one["input_ids"], one["attention_mask"], max_new_tokens=5, eos_token_id=-1)
+        alone, one_scores = adapted.generate(one["input_ids"], one["attention_mask"], max_new_tokens=5,
+                                             eos_token_id=-1, output_scores=True)
         assert torch.equal(out[i:i + 1], alone), (i, out[i].tolist(), alone[0].tolist())
+        torch.testing.assert_close(scores[i], one_scores[0], atol=1e-5, rtol=1e-5)  # ids alone hide position errors
 
 
 # --- merge -----------------------------------------------------------------------------------------

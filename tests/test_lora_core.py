@@ -160,11 +160,14 @@ def test_generate_left_padded_equals_rows_alone(arch):
     texts = ["name cafe price cheap", "the movie"]
     x = tok(texts, return_tensors="pt", padding=True)
     assert x["attention_mask"][1, 0] == 0  # really left-padded
-    batch = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=6, eos_token_id=[])
+    batch, scores = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=6, eos_token_id=[],
+                               output_scores=True)
     for i, t in enumerate(texts):
         one = tok([t], return_tensors="pt")
-        alone = a.generate(one["input_ids"], one["attention_mask"], max_new_tokens=6, eos_token_id=[])
+        alone, one_scores = a.generate(one["input_ids"], one["attention_mask"], max_new_tokens=6, eos_token_id=[],
+                                       output_scores=True)
         assert batch[i].tolist() == alone[0].tolist()
+        torch.testing.assert_close(scores[i], one_scores[0], atol=1e-5, rtol=1e-5)  # ids alone hide position errors
 
 
 def test_pooling_left_and_right_padding():

@@ -118,11 +118,13 @@ def test_generate_left_padded_equals_rows_alone(method, arch):
     _randomize(a, seed=2)
     texts = ["name cafe price cheap", "the movie"]
     x = tok(texts, return_tensors="pt", padding=True)
-    new = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=5, eos_token_id=[])
+    new, scores = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=5, eos_token_id=[], output_scores=True)
     assert new.shape == (2, 5)
     for i, t in enumerate(texts):
         one = tok([t], return_tensors="pt")
-        assert new[i].tolist() == a.generate(one["input_ids"], max_new_tokens=5, eos_token_id=[])[0].tolist()
+        alone, one_scores = a.generate(one["input_ids"], max_new_tokens=5, eos_token_id=[], output_scores=True)
+        assert new[i].tolist() == alone[0].tolist()
+        torch.testing.assert_close(scores[i], one_scores[0], atol=1e-5, rtol=1e-5)  # ids alone hide position errors
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "bitfit", "intrinsic"])
