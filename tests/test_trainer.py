@@ -44,10 +44,17 @@ def test_same_seed_same_weights():
         tok = make_tokenizer()
         torch.manual_seed(0)
         a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=TOY_CLS, tokenizer=tok, dropout=0.1)
-        lmadapt.train(a, TOY_CLS, max_steps=6, batch_size=8, progress=False)
-        return [p.detach().clone() for p in a.trainable_parameters()]
-    for x, y in zip(run(), run()):
-        assert torch.equal(x, y)
+        init = {n: p.detach().clone() for n, p in a.named_parameters() if p.requires_grad}
+        r = lmadapt.train(a, TOY_CLS, max_steps=6, batch_size=8, progress=False)
+        assert len(r["history"]) == 6
+        return init, {n: p.detach().clone() for n, p in a.named_parameters() if p.requires_grad}
+    (init1, w1), (init2, w2) = run(), run()
+    assert w1.keys() == w2.keys() == init1.keys()
+    for k in w1:
+        assert torch.equal(init1[k], init2[k]) and torch.equal(w1[k], w2[k]), k
+    # and training did something: every LoRA tensor and the head moved away from its init
+    moved = {k for k in w1 if not torch.equal(w1[k], init1[k])}
+    assert moved == set(w1), sorted(set(w1) - moved)
 
 
 def test_loss_decreases_on_generation_task():
