@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -66,17 +67,47 @@ def test_loss_decreases_on_generation_task():
     assert r["metrics"]["dev"]["bleu"] > 30  # it learned the template
 
 
+def tiny_llama_counts(V: int) -> tuple[int, int]:
+    """(base parameters, LoRA r=4 + head parameters) of conftest's tiny LLaMA, by hand.
+    hidden 32, 2 layers, 4 heads of 8, 2 KV heads (k, v: 32 -> 16), FFN 64, tied embeddings.
+    Base: embeddings V*32; per layer q 32*32, k 32*16, v 32*16, o 32*32, gate/up 32*64, down 64*32
+    and 2 RMSNorms of 32 = 9,280; final norm 32.
+    LoRA r=4 on the seven projections, r * (in + out) each: q 4*64, k 4*48, v 4*48, o 4*64,
+    gate 4*96, up 4*96, down 4*96 = 2,048 per layer; head 2*32 + 2."""
+    base = V * 32 + 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32
+    return base, 2 * 2048 + 2 * 32 + 2
+
+
 def test_result_json_fields(tmp_path):
     tok = make_tokenizer()
-    a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=TOY_CLS, tokenizer=tok)
+    a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=TOY_CLS, tokenizer=tok, r=4)
+    rss_before = psutil.Process().memory_info().rss / 2**20
+    t0 = time.perf_counter()
     lmadapt.train(a, TOY_CLS, max_steps=3, batch_size=8, progress=False, out=tmp_path / "run", seed=3)
+    wall = time.perf_counter() - t0
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     for key in ("metrics", "trainable_params", "trainable_percent", "bytes_on_disk", "train_seconds",
                 "peak_memory_mb", "examples_per_second", "model", "task", "method", "shots", "seed", "versions"):
         assert key in r, key
     assert r["seed"] == 3 and r["method"] == "lora" and r["task"] == "toy"
     assert r["bytes_on_disk"] == sum(f.stat().st_size for f in (tmp_path / "run" / "best").iterdir())
-    assert 0 < r["trainable_percent"] < 100
+    base, trainable = tiny_llama_counts(len(tok))
+    assert (r["trainable_params"], a.num_base()) == (trainable, base)
+    assert r["trainable_percent"] == pytest.approx(100 * trainable / (base + trainable))
+    assert 0 < r["train_seconds"] < wall
+    assert r["examples_per_second"] * r["train_seconds"] == pytest.approx(3 * 8)   # 3 steps of 8
+    # CPU: the process's RSS sampled during training, in MiB: at least what it held before
+    total = psutil.virtual_memory().total / 2**20
+    assert 0.9 * rss_before <= r["peak_memory_mb"] < total
+    assert 0 <= r["added_memory_mb"] <= r["peak_memory_mb"]
+
+
+def test_full_trainable_percent_is_100():
+    tok = make_tokenizer()
+    a = lmadapt.attach(make_model("llama", len(tok)), "full", task=TOY_CLS, tokenizer=tok)
+    r = lmadapt.train(a, TOY_CLS, max_steps=1, batch_size=8, progress=False)
+    base, _ = tiny_llama_counts(len(tok))
+    assert r["trainable_params"] == base + 2 * 32 + 2 and r["trainable_percent"] == 100.0
 
 
 # Runs the CLI and records which optimizer steps the loop ran (the data order of step t is
