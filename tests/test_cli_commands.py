@@ -104,7 +104,11 @@ def test_eval_bad_input_exits_2(run, files, tmp_path, capsys):
     assert "nope" in err
     err = usage_error(capsys, "eval", "--run", str(run))
     assert "give --task NAME" in err
-    err = usage_error(capsys, "eval", "--run", str(run), "--task", "mnli")   # 3 labels, the head has 2
+    root = tmp_path / "data"                                                  # 3 labels, the head has 2
+    (root / "mnli_subset").mkdir(parents=True)
+    (root / "mnli_subset" / "heldout.jsonl").write_text(
+        json.dumps({"text_a": "a cat", "text_b": "a dog", "label": "neutral"}) + "\n")
+    err = usage_error(capsys, "eval", "--run", str(run), "--task", "mnli", "--data-root", str(root))
     assert "task 'mnli' has 3 labels but the model's head has 2" in err
 
 

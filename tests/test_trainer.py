@@ -105,9 +105,10 @@ def test_result_json_fields(tmp_path):
 def test_full_trainable_percent_is_100():
     tok = make_tokenizer()
     a = lmadapt.attach(make_model("llama", len(tok)), "full", task=TOY_CLS, tokenizer=tok)
-    r = lmadapt.train(a, TOY_CLS, max_steps=1, batch_size=8, progress=False)
+    r = lmadapt.train(a, TOY_CLS, max_steps=1, batch_size=8, progress=False)   # no out: no checkpoints
     base, _ = tiny_llama_counts(len(tok))
     assert r["trainable_params"] == base + 2 * 32 + 2 and r["trainable_percent"] == 100.0
+    assert r["train_seconds"] > 0 and r["examples_per_second"] * r["train_seconds"] == pytest.approx(8)
 
 
 # Runs the CLI and records which optimizer steps the loop ran (the data order of step t is
