@@ -126,6 +126,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tiny_dir, toy_tsv, tmp_path):
     args = ("--method", "lora", "--method-args", "r=4,dropout=0.1", "--max-steps", "120", "--batch-size", "8",
             "--save-every", "4", "--eval-every", "120")
@@ -220,6 +221,7 @@ def test_resume_keeps_best_checkpoint_and_grad_accum(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_same_trajectory_as_one(tiny_dir, toy_tsv, tmp_path):
     args = ("--method", "lora", "--max-steps", "6", "--batch-size", "8", "--eval-every", "6")
     env = subprocess_env(OMP_NUM_THREADS="1")
@@ -354,6 +356,7 @@ if is_main_process():
 """
 
 
+@pytest.mark.slow
 def test_two_processes_uneven_and_generation_and_resume(tmp_path):
     """Last batch not divisible, variable target lengths: 2 processes follow 1 process (losses,
     final weights, dev evaluations); and under 2 processes a crashed run resumed from its
