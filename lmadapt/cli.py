@@ -116,7 +116,11 @@ def read_inputs(path: str) -> list:
     if p.suffix in (".jsonl", ".json", ".tsv", ".csv"):
         rows = read_rows(p, required=("text",))
         return [Example(text=str(r["text"]), text_pair=r.get("text_pair")) for _, r in rows]
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # else the message would not say which file
+        raise DataError(f"{path}: is not UTF-8 text (bad byte at offset {e.start})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"{path}: empty file")
     return [Example(text=ln) for ln in lines]
