@@ -129,9 +129,10 @@ def read_inputs(path: str) -> list:
 def cmd_predict(a) -> int:
     import lmadapt
     from .tasks import get_task
+    inputs = read_inputs(a.input)  # a bad input file fails before seconds of model loading
     adapted = _load_run(a.run)
     task = get_task(a.task) if a.task else _task_of_run(a.run, adapted)
-    for p in lmadapt.predict(adapted, task, read_inputs(a.input), batch_size=a.batch_size, precision=a.precision,
+    for p in lmadapt.predict(adapted, task, inputs, batch_size=a.batch_size, precision=a.precision,
                              progress=not a.no_progress):
         print(p)
     return 0
