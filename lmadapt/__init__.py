@@ -15,8 +15,9 @@ class LmadaptWarning(UserWarning):
 
 from .models import load  # noqa: E402
 from .methods import METHODS, get_method  # noqa: E402
+from . import prompting  # noqa: E402,F401  (registers the verbalizer head in heads.HEADS)
 from .api import attach, load_adapted, train, evaluate, predict  # noqa: E402
-from .peft_io import from_peft  # noqa: E402
+from .peft_io import from_peft, to_peft  # noqa: E402
 
 
 def __getattr__(name):

@@ -321,11 +321,6 @@ class Adapted(nn.Module):
     def load_state(self, state: dict[str, torch.Tensor], slot: int = 0) -> None:
         self.method.import_state(self, state, slot)
 
-    def to_peft(self, directory: str | os.PathLike, slot: int = 0, **kw) -> int:
-        """Write one slot in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
-        from .peft_io import to_peft
-        return to_peft(self, directory, slot, **kw)
-
 
 def write_artifact(directory: Path, state: dict[str, torch.Tensor], meta: dict) -> int:
     def write(tmp: Path):

@@ -10,7 +10,10 @@ from . import __version__
 from .adapted import Adapted, check_base, read_artifact
 from .atomic import write_json
 from .batching import is_classification
+from .data import sample_kshot, subsample
+from .evaluation import evaluate_examples, predict_examples
 from .methods import METHODS, Method, get_method
+from .trainer import TrainConfig, fit
 
 
 def _task(task):
@@ -108,8 +111,6 @@ def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, sho
           ood: list[str] | None = None, features=None, **config) -> dict:
     """Train on a task's train split (k-shot if `shots`), keep the best dev checkpoint, evaluate
     on dev and on the out-of-domain tasks, and write out/result.json. -> the result dict."""
-    from .data import sample_kshot
-    from .trainer import TrainConfig, fit
     t = _task(task)
     cfg = TrainConfig(seed=seed, **config)
     if train_examples is None:
@@ -150,8 +151,6 @@ def evaluate(adapted: Adapted, task, *, split: str = "dev", examples=None, data_
     """Metrics on a task's split (or on `examples`), on at most `limit` of them (a fixed-seed
     random subset, see data.subsample) or on the `first` N; -> metrics | {'n': used,
     'n_available': in the split}."""
-    from .data import subsample
-    from .evaluation import evaluate_examples
     t = _task(task)
     if examples is None:
         examples = t.load(split, data_root)
@@ -170,7 +169,6 @@ def evaluate(adapted: Adapted, task, *, split: str = "dev", examples=None, data_
 def predict(adapted: Adapted, task, examples, batch_size: int = 32, max_new_tokens: int = 48,
             max_length: int = 128, precision: str = "auto", progress: bool = False) -> list:
     """Label names for classification, generated text for generation tasks."""
-    from .evaluation import predict_examples
     t = _task(task)
     enc = adapted.input_encoder(max_length)
     preds = predict_examples(adapted, t, examples, enc, batch_size, max_new_tokens, precision=precision,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .generation import ban_repeated_ngrams, start, step
+from .kv_loop import ban_repeated_ngrams, start, step
 
 
 def beam_search(adapted, input_ids, mask, *, num_beams: int, max_new_tokens: int, eos: torch.Tensor,

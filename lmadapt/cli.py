@@ -198,7 +198,11 @@ def read_inputs(path: str) -> list:
     if p.suffix in (".jsonl", ".json", ".tsv", ".csv"):
         rows = read_rows(p, required=("text",))
         return [Example(text=str(r["text"]), text_pair=r.get("text_pair")) for _, r in rows]
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # else the message would not say which file
+        raise DataError(f"{path}: is not UTF-8 text (bad byte at offset {e.start})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"{path}: empty file")
     return [Example(text=ln) for ln in lines]
@@ -207,9 +211,10 @@ def read_inputs(path: str) -> list:
 def cmd_predict(a) -> int:
     import lmadapt
     from .tasks import get_task
+    inputs = read_inputs(a.input)  # a bad input file fails before seconds of model loading
     adapted = _load_run(a.run)
     task = get_task(a.task) if a.task else _task_of_run(a.run, adapted)
-    for p in lmadapt.predict(adapted, task, read_inputs(a.input), batch_size=a.batch_size, precision=a.precision,
+    for p in lmadapt.predict(adapted, task, inputs, batch_size=a.batch_size, precision=a.precision,
                              progress=not a.no_progress):
         print(p)
     return 0
@@ -264,7 +269,7 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         m = r["metrics"]
-        evals = "  ".join(f"{k}: {', '.join(f'{mk}={mv:.2f}' for mk, mv in v.items() if mk != 'n')}"
+        evals = "  ".join(f"{k}: {', '.join(f'{mk}={mv:.2f}' for mk, mv in v.items() if mk not in ('n', 'n_available'))}"
                           for k, v in m.items())
         rows.append([r["method"], r["task"], f"{r['trainable_percent']:.3f}%",
                      f"{(r['bytes_on_disk'] or 0) / 1e6:.2f} MB", f"{r['train_seconds']:.0f}s",

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .beam import beam_search
+from .kv_loop import ban_repeated_ngrams, start, step
+
 
 @torch.no_grad()
 def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -57,7 +60,6 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
         pad_token_id = 0 if pad_token_id is None else pad_token_id
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if num_beams > 1:
-        from .beam import beam_search
         with adapted.slots.route(slot_ids):
             return beam_search(adapted, input_ids, mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                eos=eos, pad_token_id=pad_token_id, length_penalty=length_penalty,
@@ -87,41 +89,6 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     if output_scores:
         return tokens, (torch.stack(scores, 1) if scores else torch.zeros(B, 0, lm_head.out_features))
     return tokens
-
-
-def start(adapted, input_ids, mask):
-    """Encode the prompts once (virtual tokens / key-value prefix added here) -> (hidden (B, T, H),
-    cache, full_mask (B, extra + T) over every cached position, pos (B,) of each row's last token)."""
-    B, T = input_ids.shape
-    hidden, cache = adapted.encode(input_ids, mask, use_cache=True)
-    extra = cache.get_seq_length() - T          # prefix or virtual-token positions in the cache
-    full_mask = torch.cat([mask.new_ones(B, extra), mask], 1)
-    pos = extra + mask.long().sum(1) - 1         # position of each row's last real token
-    return hidden, cache, full_mask, pos
-
-
-def step(adapted, nxt, cache, full_mask, pos):
-    """Feed one token per row (B,) at the next position -> (hidden (B, 1, H), cache, mask, pos)."""
-    pos = pos + 1
-    full_mask = torch.cat([full_mask, full_mask.new_ones(len(nxt), 1)], 1)
-    hidden, cache = adapted.encode(nxt.unsqueeze(1), full_mask, position_ids=pos.unsqueeze(1),
-                                   cache=cache, use_cache=True)
-    return hidden, cache, full_mask, pos
-
-
-def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
-    """scores (R, V), generated (R, t) -> scores with -inf at every token that would complete an
-    n-gram already in `generated` (HF's no_repeat_ngram_size, over the generated tokens only)."""
-    R, t = generated.shape
-    if t < n:       # fewer than n tokens: no complete n-gram yet, so none can repeat
-        return scores
-    grams = generated.unfold(1, n, 1)                                    # (R, t - n + 1, n)
-    if n == 1:
-        hit = torch.ones(grams.shape[:2], dtype=torch.bool, device=scores.device)
-    else:  # earlier n-grams whose first n - 1 tokens equal the last n - 1 generated
-        hit = (grams[:, :, :-1] == generated[:, t - n + 1:].unsqueeze(1)).all(-1)   # (R, t - n + 1)
-    banned = torch.zeros_like(scores).scatter_add_(1, grams[:, :, -1], hit.to(scores.dtype))
-    return scores.masked_fill(banned > 0, float("-inf"))
 
 
 def _pick(logits, do_sample, temperature, top_p, generator):

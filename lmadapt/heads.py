@@ -118,12 +118,12 @@ def _slot_head(adapted, kind: str, **args) -> SlotHead:
                     pooling=adapted.pooling)
 
 
-# kind -> builder(adapted, kind, **args) -> head. lmadapt.prompting adds 'verbalizer'.
+# kind -> builder(adapted, kind, **args) -> head. lmadapt.prompting adds 'verbalizer' (imported by
+# the package's __init__, so it is registered before any model is built).
 HEADS: dict[str, Callable] = {"linear": _slot_head, "mlp": _slot_head}
 
 
 def build_head(adapted, kind: str, **args) -> nn.Module:
-    from . import prompting  # noqa: F401  (registers the verbalizer head)
     if kind not in HEADS:
         raise ValueError(f"unknown head '{kind}'; choose one of: {', '.join(HEADS)}")
     return HEADS[kind](adapted, kind, **args)

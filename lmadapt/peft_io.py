@@ -27,7 +27,9 @@ import torch
 from safetensors.torch import save_file
 
 from .arch import is_linear_like, kv_shape
+from .api import attach
 from .atomic import read_json_file, read_safetensors, write_file
+from .methods import get_method
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"lora": "LORA", "prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING",
@@ -69,7 +71,6 @@ def _lora_targets(cfg: dict, model, where: str) -> tuple[str, ...]:
 
 
 def _method_from_config(cfg: dict, model, where: str):
-    from .methods import get_method
     kind = cfg.get("peft_type")
     if kind == "LORA":
         bad = [f"{f}={cfg[f]!r}" for f in LORA_UNSUPPORTED if cfg.get(f) not in (None, False, {}, [])]
@@ -110,7 +111,6 @@ def from_peft(model, peft_dir, tokenizer=None, **attach_kwargs):
     """Load a PEFT adapter folder into slot 0 of a new Adapted model. `attach_kwargs` go to
     lmadapt.attach (slots, task / num_labels, pooling, ...); a classification head, if any,
     keeps its fresh initialization (PEFT's modules_to_save are not read)."""
-    from .api import attach
     where = str(peft_dir)
     cfg, tensors = _read(peft_dir)
     method = _method_from_config(cfg, model, where)

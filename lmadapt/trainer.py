@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .adapted import read_artifact
 from .atomic import existing_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import subsample
 from .evaluation import evaluate_examples, metric_value
 from .memory import PeakMemory
+from .methods.probe import extract_features
 from .precision import PRECISIONS, autocast, resolve
 
 
@@ -115,7 +117,6 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     t_features = time.perf_counter()  # a probe's backbone pass is part of its training cost
     if frozen:  # probe: features once, then the head trains alone
         if features is None:
-            from .methods.probe import extract_features
             spec = (adapted.layer, adapted.pooling)
             extract = lambda exs, desc: extract_features(  # noqa: E731
                 adapted.model, adapted.tokenizer, task, exs, [spec], max_length=cfg.max_length,
@@ -232,7 +233,6 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     # Finish on the best dev checkpoint, on every process.
     if out and state["best_step"] is not None:
         acc.wait_for_everyone()
-        from .adapted import read_artifact
         _, best_state = read_artifact(Path(out) / "best")
         adapted.load_state(best_state)
     elif best_in_memory is not None:

@@ -4,6 +4,7 @@ used only by tests marked `integration`."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +18,17 @@ torch.set_num_threads(1)
 
 from lmadapt.data import Example
 from lmadapt.tasks import Task
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for CLI / `accelerate launch` subprocesses: PYTHONPATH puts THIS checkout's
+    lmadapt first, where the installed `lmadapt` script alone would import whichever checkout was
+    pip-installed (-e) into the environment."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""), **extra}
 
 WORDS = ("the a movie film was is it this that and but very not really good great fine bad awful "
          "boring fun plot actor story with of to in for on at by an as be are so too much more "
@@ -123,3 +135,21 @@ def toy_cls():
 @pytest.fixture
 def toy_gen():
     return TOY_GEN
+
+
+def plain_hidden(model, batch):
+    """Last hidden states of a plain HF model, positions counted from each row's first real token
+    (lmadapt's convention, which makes left padding harmless)."""
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model.base_model(**batch, position_ids=pos).last_hidden_state
+
+
+def load_merged(adapted, plain):
+    """Copy a merged Adapted model's base weights into `plain`, an untouched copy of its base model
+    with no method modules: the merged model on its own, as a user would ship it. Strict: every
+    base tensor must be there under its original name."""
+    sd = {k.replace(".base.", "."): v for k, v in adapted.model.state_dict().items()
+          if "lora_" not in k and "bias_delta" not in k}
+    plain.load_state_dict(sd, strict=True)
+    return plain

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmadapt.cli import main, parse_method_args
-from conftest import _toy_examples, make_model, make_tokenizer
+from conftest import REPO, _toy_examples, make_model, make_tokenizer, subprocess_env
 
 BIN = Path(sys.executable).parent
 
@@ -113,16 +113,25 @@ def test_train_eval_predict_end_to_end(tmp_path, tiny_dir):
     out = tmp_path / "run"
     r = subprocess.run([str(BIN / "lmadapt"), "train", "--model", str(tiny_dir), "--train", str(p), "--dev", str(p),
                         "--text-col", "sentence", "--label-col", "label", "--method", "probe", "--out", str(out),
-                        "--no-progress"], capture_output=True, text=True)
+                        "--no-progress"], capture_output=True, text=True, env=subprocess_env())
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "result.json").read_text())
     assert res["method"] == "probe" and res["metrics"]["dev"]["n"] == 32
     inp = tmp_path / "in.txt"
     inp.write_text("the movie was good\nawful boring plot\n")
     r = subprocess.run([str(BIN / "lmadapt"), "predict", "--run", str(out), "--input", str(inp)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=subprocess_env())
     assert r.returncode == 0, r.stderr
     assert all(line in ("neg", "pos") for line in r.stdout.split()) and len(r.stdout.split()) == 2
     r = subprocess.run([str(BIN / "lmadapt"), "predict", "--run", str(out), "--input", str(tmp_path / "missing.txt")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=subprocess_env())
     assert r.returncode == 2 and "missing.txt: does not exist" in r.stderr
+
+
+def test_subprocesses_import_this_checkout():
+    """The CLI tests run `lmadapt` in subprocesses: they must exercise this checkout's code, not
+    whichever checkout is pip-installed into the environment."""
+    r = subprocess.run([str(BIN / "python"), "-c", "import lmadapt; print(lmadapt.__file__)"],
+                       capture_output=True, text=True, env=subprocess_env(), cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).resolve() == REPO / "lmadapt" / "__init__.py"

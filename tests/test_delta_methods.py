@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, CAUSAL, make_model, make_tokenizer
+from conftest import ARCHS, CAUSAL, load_merged, make_model, make_tokenizer, plain_hidden
 
 import lmadapt
 from lmadapt.methods.intrinsic import _SubspaceLinear, sketch_weight
@@ -152,27 +152,71 @@ def test_generate_left_padded_equals_rows_alone(arch_c, method):
     randomize(adapted, std=0.05)
     adapted.eval()
     b = batch(tok)
-    out = adapted.generate(b["input_ids"], b["attention_mask"], max_new_tokens=5, eos_token_id=-1)
+    out, scores = adapted.generate(b["input_ids"], b["attention_mask"], max_new_tokens=5, eos_token_id=-1,
+                                   output_scores=True)
     assert out.shape == (3, 5)
     for i, text in enumerate(TEXTS):
         one = batch(tok, [text])
-        alone = adapted.generate(one["input_ids"], one["attention_mask"], max_new_tokens=5, eos_token_id=-1)
+        alone, one_scores = adapted.generate(one["input_ids"], one["attention_mask"], max_new_tokens=5,
+                                             eos_token_id=-1, output_scores=True)
         assert torch.equal(out[i:i + 1], alone), (i, out[i].tolist(), alone[0].tolist())
+        torch.testing.assert_close(scores[i], one_scores[0], atol=1e-5, rtol=1e-5)  # ids alone hide position errors
 
 
 # --- merge -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,arch_m", [("bitfit", "gpt2"), ("bitfit", "bert"), ("intrinsic", "llama"),
                                            ("intrinsic", "gpt2")])
 def test_merged_equals_unmerged(method, arch_m):
-    adapted, _, tok = build(arch_m, method)
+    """merge() really moves the delta into the base tensors: they change, the merged base weights
+    alone (a plain copy of the model) give the adapted outputs, and unmerge() puts them back."""
+    adapted, base, tok = build(arch_m, method)
     randomize(adapted, std=0.05)
     b = batch(tok)
+    base_layers = [m.base for m in adapted.method.layers(adapted)]
+    before = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in base_layers]
     with torch.no_grad():
-        want = adapted(**b).logits
+        want = adapted(**b)
+        assert (want.hidden - plain_hidden(base, b)).abs().max() > 1e-3          # a real delta
         adapted.merge()
-        torch.testing.assert_close(adapted(**b).logits, want, atol=1e-5, rtol=0)
+        unchanged = [i for i, (m, old) in enumerate(zip(base_layers, before))
+                     if all(torch.equal(v, old[k]) for k, v in m.state_dict().items())]
+        assert not unchanged, f"merge() left base layers {unchanged} unchanged"
+        torch.testing.assert_close(adapted(**b).logits, want.logits, atol=1e-5, rtol=0)
+        alone = plain_hidden(load_merged(adapted, copy.deepcopy(base)), b)
+        torch.testing.assert_close(alone, want.hidden, atol=1e-5, rtol=1e-5)
+        adapted.merge()                                                           # idempotent
+        torch.testing.assert_close(adapted(**b).logits, want.logits, atol=1e-5, rtol=0)
         adapted.unmerge()
-        torch.testing.assert_close(adapted(**b).logits, want, atol=1e-5, rtol=0)
+        for m, old in zip(base_layers, before):
+            for k, v in m.state_dict().items():
+                torch.testing.assert_close(v, old[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(adapted(**b).logits, want.logits, atol=1e-5, rtol=0)
+        with adapted.disabled():                                                  # the delta is live again
+            torch.testing.assert_close(adapted(**b).hidden, plain_hidden(base, b), atol=1e-5, rtol=0)
+
+
+def test_bitfit_merge_refuses_several_slots():
+    adapted, _, _ = build("gpt2", "bitfit", slots=2)
+    randomize(adapted)
+    biases = [m.base.bias.detach().clone() for m in adapted.method.layers(adapted)]
+    with pytest.raises(ValueError, match=r"merge\(\) needs a single slot"):
+        adapted.merge()
+    assert all(torch.equal(m.base.bias, b) for m, b in zip(adapted.method.layers(adapted), biases))
+
+
+def test_mergeable_methods_are_lora_bitfit_intrinsic():
+    from lmadapt.methods import METHODS as REGISTERED
+    assert {n for n, c in REGISTERED.items() if hasattr(c, "merge")} == {"lora", "bitfit", "intrinsic"}
+
+
+@pytest.mark.parametrize("method", ["adapter", "ladder", "full", "probe", "prompt", "ptuning", "prefix", "ptuning2"])
+def test_methods_that_cannot_merge_refuse(method):
+    adapted, _, _ = build("gpt2", method)
+    before = {k: v.clone() for k, v in adapted.state_dict().items()}
+    for call in (adapted.merge, adapted.unmerge):
+        with pytest.raises(ValueError, match=f"method '{method}' cannot be merged into the base weights"):
+            call()
+    assert all(torch.equal(v, before[k]) for k, v in adapted.state_dict().items())
 
 
 def test_bitfit_on_llama_adds_biases_and_refuses_merge():

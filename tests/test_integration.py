@@ -46,12 +46,22 @@ def test_smollm2_lora_under_one_percent_and_trains(smol):
     a = lmadapt.attach(model, "lora", num_labels=2, tokenizer=tok)
     assert a.num_trainable() / a.num_base() < 0.01
     x = tok(["a charming and often affecting journey", "a dull mess"], return_tensors="pt", padding=True)
+    y = torch.tensor([1, 0])
     before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    opt = torch.optim.AdamW(a.trainable_parameters(), lr=1e-3)
-    a(**x, labels=torch.tensor([1, 0])).loss.backward()
-    opt.step()
+    trained_before = {n: p.detach().clone() for n, p in a.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(a.trainable_parameters(), lr=1e-3, weight_decay=0.0)  # moves come from gradients
+    losses = []
+    for _ in range(2):  # B starts at 0, so A's gradient is 0 on step 1 (it moves on step 2)
+        opt.zero_grad()
+        loss = a(**x, labels=y).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    unmoved = [n for n, p in a.named_parameters() if p.requires_grad and torch.equal(p, trained_before[n])]
+    assert not unmoved, unmoved[:5]                 # every LoRA A and B and the head trained
+    assert losses[1] < losses[0] - 0.05, losses     # after one step, on the batch it trained on
 
 
 def test_minilm_embeddings_are_real():

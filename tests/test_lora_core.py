@@ -76,27 +76,58 @@ def test_artifact_refuses_other_base(tmp_path):
     a.save(tmp_path / "art")
     with pytest.raises(ValueError, match="does not fit this model"):
         lmadapt.load_adapted(tmp_path / "art", model=make_model("llama", len(tok), seed=1), tokenizer=tok)
-    with pytest.raises(ValueError, match="model_type \(llama != gpt2\)"):
+    with pytest.raises(ValueError, match=r"model_type \(llama != gpt2\)"):
         lmadapt.load_adapted(tmp_path / "art", model=make_model("gpt2", len(tok)), tokenizer=tok)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_merge_equals_unmerged(arch):
-    from conftest import make_model, make_tokenizer
-    tok = make_tokenizer()
-    a = lmadapt.attach(make_model(arch, len(tok)), "lora", tokenizer=tok)
+    """merge() folds scaling * B A into each base weight (GPT-2's Conv1D transposed), so the merged
+    weights ALONE, in a plain copy of the model, give the adapted outputs; unmerge() restores the
+    original weights and the live delta."""
+    from conftest import load_merged, make_model, make_tokenizer, plain_hidden
+    tok = make_tokenizer("encoder" if arch == "bert" else "causal")
+    model = make_model(arch, len(tok))
+    pristine = copy.deepcopy(model)
+    a = lmadapt.attach(model, "lora", tokenizer=tok, num_labels=2 if arch == "bert" else None)
     for m in a.model.modules():
         if hasattr(m, "lora_B"):
             torch.nn.init.normal_(m.lora_B, std=0.1)
+    layers = a.method.layers(a)
+    w0 = [m.base.weight.detach().clone() for m in layers]
     x = _batch(tok)
     with torch.no_grad():
-        ref = a(**x).logits
+        ref = a(**x)
+        assert (ref.hidden - plain_hidden(pristine, x)).abs().max() > 1e-3      # a real delta
         a.merge()
-        merged = a(**x).logits
+        a.merge()                                                               # idempotent
+        for m, w in zip(layers, w0):
+            d = m.delta_weight(0)
+            torch.testing.assert_close(m.base.weight, w + (d.T if m.fan_in_fan_out else d), atol=1e-6, rtol=0)
+        merged = a(**x)
+        alone = plain_hidden(load_merged(a, copy.deepcopy(pristine)), x)
         a.unmerge()
-        back = a(**x).logits
-    torch.testing.assert_close(merged, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(back, ref, atol=1e-5, rtol=1e-5)
+        for m, w in zip(layers, w0):
+            torch.testing.assert_close(m.base.weight, w, atol=1e-6, rtol=0)
+        back = a(**x)
+        with a.disabled():                                                      # the delta is live again
+            torch.testing.assert_close(a(**x).hidden, plain_hidden(pristine, x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, ref.hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(back.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_several_slots():
+    from conftest import make_model, make_tokenizer
+    tok = make_tokenizer()
+    a = lmadapt.attach(make_model("llama", len(tok)), "lora", tokenizer=tok, slots=2)
+    for m in a.method.layers(a):
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    w0 = [m.base.weight.detach().clone() for m in a.method.layers(a)]
+    with pytest.raises(ValueError, match=r"merge\(\) needs a single slot"):
+        a.merge()
+    assert not any(m.merged for m in a.method.layers(a))
+    assert all(torch.equal(m.base.weight, w) for m, w in zip(a.method.layers(a), w0))
 
 
 def test_slots_mixed_batch_equals_rows_alone(tiny):
@@ -129,11 +160,14 @@ def test_generate_left_padded_equals_rows_alone(arch):
     texts = ["name cafe price cheap", "the movie"]
     x = tok(texts, return_tensors="pt", padding=True)
     assert x["attention_mask"][1, 0] == 0  # really left-padded
-    batch = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=6, eos_token_id=[])
+    batch, scores = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=6, eos_token_id=[],
+                               output_scores=True)
     for i, t in enumerate(texts):
         one = tok([t], return_tensors="pt")
-        alone = a.generate(one["input_ids"], one["attention_mask"], max_new_tokens=6, eos_token_id=[])
+        alone, one_scores = a.generate(one["input_ids"], one["attention_mask"], max_new_tokens=6, eos_token_id=[],
+                                       output_scores=True)
         assert batch[i].tolist() == alone[0].tolist()
+        torch.testing.assert_close(scores[i], one_scores[0], atol=1e-5, rtol=1e-5)  # ids alone hide position errors
 
 
 def test_pooling_left_and_right_padding():

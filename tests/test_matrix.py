@@ -1,8 +1,10 @@
 """Every registered method x every tiny architecture (LLaMA, GPT-2, BERT): the guarantees each
 method owes, checked the same way for all of them.
 
-- a method that cannot apply to an architecture refuses with a ValueError naming it;
-- after one optimizer step, every base weight is bitwise unchanged (except `full`);
+- every method attaches to every architecture (classification mode), and what cannot apply
+  refuses with a ValueError naming the problem (probe and encoders have no LM head to generate);
+- after one optimizer step, every base weight is frozen and bitwise unchanged (except `full`),
+  and the method's own tensors moved;
 - save -> load onto a fresh copy of the base gives identical outputs;
 - methods with slots: a batch with mixed slot_ids equals each row run alone with its slot;
 - zero-init methods are the identity at init;
@@ -21,20 +23,24 @@ IDENTITY_AT_INIT = {"lora", "adapter", "bitfit", "intrinsic", "ladder"}
 TEXTS = ["the movie was good", "bad plot", "it was a very fun film and the actor was great"]
 
 
-# (method, arch) pairs that must refuse, and the words their error names. Every other pair must
-# attach: nothing is skipped silently.
-REFUSES: dict[tuple[str, str], str] = {}
-
-
 def _attach(method, arch, **kw):
     tok = make_tokenizer("encoder" if arch == "bert" else "causal")
     base = make_model(arch, len(tok))
     pristine = copy.deepcopy(base)
-    if (method, arch) in REFUSES:
-        with pytest.raises(ValueError, match=REFUSES[(method, arch)]):
-            lmadapt.attach(base, method, tokenizer=tok, **kw)
-        pytest.skip("refused as expected")
     return lmadapt.attach(base, method, tokenizer=tok, **kw), pristine, tok
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_what_cannot_apply_refuses(method):
+    """No LM head, nothing to generate with: an encoder without num_labels, and probe (a head on
+    frozen features) without a classification task."""
+    tok = make_tokenizer("encoder")
+    with pytest.raises(ValueError, match="bert is an encoder without an LM head: give num_labels"):
+        lmadapt.attach(make_model("bert", len(tok)), method, tokenizer=tok)
+    if method == "probe":
+        for arch in ("llama", "gpt2"):
+            with pytest.raises(ValueError, match="method 'probe' needs a classification task"):
+                lmadapt.attach(make_model(arch, len(tok)), "probe", tokenizer=tok)
 
 
 def _labels_kw(arch):
@@ -56,17 +62,28 @@ def _out(a, x, **kw):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_step_leaves_base_untouched(method, arch):
-    a, _, tok = _attach(method, arch, **_labels_kw(arch))
-    base_params = [(p, p.detach().clone()) for p in a.model.parameters() if not p.requires_grad]
+    """Every parameter the base model had before attach (not only those that are frozen now)."""
+    tok = make_tokenizer("encoder" if arch == "bert" else "causal")
+    model = make_model(arch, len(tok))
+    base_params = [(n, p, p.detach().clone()) for n, p in model.named_parameters()]
+    a = lmadapt.attach(model, method, tokenizer=tok, **_labels_kw(arch))
+    trainable = a.trainable_parameters()
+    trainable_before = [p.detach().clone() for p in trainable]
     x = tok(TEXTS, return_tensors="pt", padding=True)
-    opt = torch.optim.AdamW(a.trainable_parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
     a(**x, labels=torch.tensor([1, 0, 1])).loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.trainable_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     opt.step()
-    if method == "full":
-        assert not base_params  # everything trains
+    assert any(not torch.equal(p, old) for p, old in zip(trainable, trainable_before))
+    if method == "full":  # everything trains, the base included
+        assert all(p.requires_grad for _, p, _ in base_params)
+        assert any(not torch.equal(p, old) for _, p, old in base_params)
         return
-    assert base_params and all(torch.equal(p, before) for p, before in base_params)
+    assert not [n for n, p, _ in base_params if p.requires_grad], "base weights left trainable"
+    assert not {id(p) for _, p, _ in base_params} & {id(p) for p in trainable}
+    assert all(p.grad is None for _, p, _ in base_params)
+    changed = [n for n, p, old in base_params if not torch.equal(p, old)]
+    assert not changed, changed
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -98,8 +115,6 @@ def test_mixed_slots_equal_rows_alone(method, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", sorted(IDENTITY_AT_INIT))
 def test_identity_at_init(method, arch):
-    if method not in METHODS:
-        pytest.skip(f"{method} not registered")
     a, pristine, tok = _attach(method, arch, **_labels_kw(arch))
     x = tok(TEXTS, return_tensors="pt", padding=True)
     pos = (x["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -118,11 +133,13 @@ def test_generate_left_padded_equals_rows_alone(method, arch):
     _randomize(a, seed=2)
     texts = ["name cafe price cheap", "the movie"]
     x = tok(texts, return_tensors="pt", padding=True)
-    new = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=5, eos_token_id=[])
+    new, scores = a.generate(x["input_ids"], x["attention_mask"], max_new_tokens=5, eos_token_id=[], output_scores=True)
     assert new.shape == (2, 5)
     for i, t in enumerate(texts):
         one = tok([t], return_tensors="pt")
-        assert new[i].tolist() == a.generate(one["input_ids"], max_new_tokens=5, eos_token_id=[])[0].tolist()
+        alone, one_scores = a.generate(one["input_ids"], max_new_tokens=5, eos_token_id=[], output_scores=True)
+        assert new[i].tolist() == alone[0].tolist()
+        torch.testing.assert_close(scores[i], one_scores[0], atol=1e-5, rtol=1e-5)  # ids alone hide position errors
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "bitfit", "intrinsic"])

@@ -1,5 +1,5 @@
 """Parity with PEFT 0.21 (a test-only dependency; lmadapt never imports it): adapters trained in
-PEFT load with `lmadapt.from_peft` and give PEFT's outputs, and `Adapted.to_peft` writes folders
+PEFT load with `lmadapt.from_peft` and give PEFT's outputs, and `lmadapt.to_peft` writes folders
 that `PeftModel.from_pretrained` loads back to lmadapt's outputs. Also: our P-tuning encoder and
 prefix MLP are PEFT's architectures (PEFT's weights load into them and give the same table).
 
@@ -85,7 +85,7 @@ def test_from_peft_and_back(arch, kind, tmp_path):
     adapted = lmadapt.from_peft(copy.deepcopy(base), tmp_path / "peft", tokenizer=tok, **head)
     torch.testing.assert_close(ours_out(adapted, ids), want, atol=1e-5, rtol=0)
 
-    adapted.to_peft(tmp_path / "ours", drop_head=arch == "bert")
+    lmadapt.to_peft(adapted, tmp_path / "ours", drop_head=arch == "bert")
     back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     torch.testing.assert_close(peft_out(back, arch, kind, ids), want, atol=1e-5, rtol=0)
 
@@ -100,7 +100,7 @@ def test_to_peft_from_lmadapt_slot_and_errors(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         want = adapted(ids, slot_ids=torch.tensor([2])).logits
-    adapted.to_peft(tmp_path / "p", slot=2)
+    lmadapt.to_peft(adapted, tmp_path / "p", slot=2)
     cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["prefix_projection"] is False
     assert cfg["num_attention_heads"] == 2 and cfg["token_dim"] == 16          # GQA: n_kv heads x head_dim
@@ -108,12 +108,12 @@ def test_to_peft_from_lmadapt_slot_and_errors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="slot 3 out of range"):
-        adapted.to_peft(tmp_path / "q", slot=3)
+        lmadapt.to_peft(adapted, tmp_path / "q", slot=3)
     with pytest.raises(ValueError, match="no PEFT format"):
-        lmadapt.attach(copy.deepcopy(base), "full").to_peft(tmp_path / "q")
+        lmadapt.to_peft(lmadapt.attach(copy.deepcopy(base), "full"), tmp_path / "q")
     bert_tok = make_tokenizer("encoder")
     with pytest.raises(ValueError, match="drop_head=True"):
-        lmadapt.attach(make_model("bert", len(bert_tok)), "prompt", num_labels=2).to_peft(tmp_path / "q")
+        lmadapt.to_peft(lmadapt.attach(make_model("bert", len(bert_tok)), "prompt", num_labels=2), tmp_path / "q")
 
 
 def test_from_peft_refuses_what_it_cannot_represent(tmp_path):

@@ -117,11 +117,12 @@ def test_left_padded_generation_equals_rows_alone(arch, method, slots):
     slot_ids = torch.tensor([2, 0, 1]) if slots > 1 else None
     ids, mask = encode(tok, TEXTS)
     assert (mask[:, 0] == 0).any()                                  # really left-padded
-    out = adapted.generate(ids, mask, slot_ids=slot_ids, max_new_tokens=6, eos_token_id=[])
+    out, scores = adapted.generate(ids, mask, slot_ids=slot_ids, max_new_tokens=6, eos_token_id=[], output_scores=True)
     for i in range(len(TEXTS)):
-        one = adapted.generate(*encode(tok, [TEXTS[i]]), max_new_tokens=6, eos_token_id=[],
-                               slot_ids=None if slot_ids is None else slot_ids[i:i + 1])
+        one, one_scores = adapted.generate(*encode(tok, [TEXTS[i]]), max_new_tokens=6, eos_token_id=[],
+                                           slot_ids=None if slot_ids is None else slot_ids[i:i + 1], output_scores=True)
         assert out[i].tolist() == one[0].tolist()
+        torch.testing.assert_close(scores[i], one_scores[0], atol=1e-5, rtol=1e-5)  # ids alone hide position errors
 
 
 @pytest.mark.parametrize("method", METHODS)

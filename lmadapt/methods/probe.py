@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapted import pool
+from ..batching import Encoder
+from ..evaluation import by_length, progress_bar
+from ..models import is_causal
+from ..precision import autocast
 from .base import Method, register
 
 
@@ -32,11 +37,6 @@ def extract_features(model, tokenizer, task, examples, specs, *, max_length: int
     -> {(layer, pooling): (X (N, H), y (N,))} in the order of `examples`. Probing sweeps over
     layers and poolings cost one pass over the data instead of one per configuration. Batches are
     formed by input length (less padding), under the requested precision."""
-    from ..adapted import pool
-    from ..batching import Encoder
-    from ..evaluation import by_length, progress_bar
-    from ..models import is_causal
-    from ..precision import autocast
     enc = Encoder(tokenizer, is_causal(model), max_length)
     feats = [enc.classification(ex) for ex in examples]
     out = {s: [None] * len(feats) for s in specs}
