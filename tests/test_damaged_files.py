@@ -80,7 +80,9 @@ def test_corrupt_method_json(tiny_dir, toy_tsv, tmp_path, capsys):
     capsys.readouterr()
     meta = out / "best" / "method.json"
     meta.write_text(meta.read_text()[:40])
-    code = main(["predict", "--run", str(out), "--input", str(toy_tsv), "--no-progress"])
+    inp = tmp_path / "in.txt"
+    inp.write_text("the movie was good\n")
+    code = main(["predict", "--run", str(out), "--input", str(inp), "--no-progress"])
     err = _one_line_error(capsys)
     assert code == 2 and "method.json line" in err and "damaged or truncated JSON" in err
 
