@@ -84,21 +84,21 @@ def test_preference_scoring_is_the_response_log_likelihood():
     assert all(c < -1 for c in chosen)                                          # several tokens' worth
     wins = [c > r for c, r in zip(want_c, want_r)]
     assert lmadapt.predict(a, PREF, examples) == wins
-    assert lmadapt.evaluate(a, PREF, examples=examples) == {"preference_accuracy": 50.0, "n": 6}
+    assert lmadapt.evaluate(a, PREF, examples=examples) == {"preference_accuracy": 50.0, "n": 6, "n_available": 6}
 
 
 # --- timings ---------------------------------------------------------------------------------------
 def test_probe_train_seconds_include_the_feature_pass(monkeypatch):
     """The probe's backbone pass is part of its training cost: a feature pass made to take >= 1 s
     must show in train_seconds (2 head steps on cached features take milliseconds)."""
-    import lmadapt.methods.probe as probe
-    real, calls = probe.extract_features, []
+    import lmadapt.trainer as trainer
+    real, calls = trainer.extract_features, []
 
     def slow(*args, **kw):
         calls.append(1)
         time.sleep(0.5)
         return real(*args, **kw)
-    monkeypatch.setattr(probe, "extract_features", slow)
+    monkeypatch.setattr(trainer, "extract_features", slow)
     tok = make_tokenizer()
     a = lmadapt.attach(make_model("llama", len(tok)), "probe", task=TOY_CLS, tokenizer=tok)
     r = lmadapt.train(a, TOY_CLS, max_steps=2, batch_size=8, progress=False)
