@@ -38,21 +38,17 @@ def side_inputs(a, T=6, seed=0):
 # --- token mixing, causality ------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_side_network_mixes_tokens(arch):
-    """Only token 0's hidden states change: the side output moves at every later position
-    (form=mlp, per token, leaves them exactly as they were)."""
-    for form in ("transformer", "mlp"):
-        a, _ = build(arch, form=form)
-        hs, mask, pos = side_inputs(a)
-        other = [h.clone() for h in hs]
-        for h in other:
-            h[:, 0] += 1.0
-        with torch.no_grad():
-            s, s2 = a.delta.side(hs, mask, pos), a.delta.side(other, mask, pos)      # (1, T, w)
-        moved = (s - s2)[0, 1:].abs().amax(-1)                                       # (T - 1,)
-        if form == "transformer":
-            assert bool((moved > 1e-4).all()), moved
-        else:
-            assert torch.equal(moved, torch.zeros_like(moved))
+    """Only token 0's hidden states change: the side output moves at every later position (the
+    former per-token MLP side network left them exactly as they were)."""
+    a, _ = build(arch)
+    hs, mask, pos = side_inputs(a)
+    other = [h.clone() for h in hs]
+    for h in other:
+        h[:, 0] += 1.0
+    with torch.no_grad():
+        s, s2 = a.delta.side(hs, mask, pos), a.delta.side(other, mask, pos)          # (1, T, w)
+    moved = (s - s2)[0, 1:].abs().amax(-1)                                           # (T - 1,)
+    assert bool((moved > 1e-4).all()), moved
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
@@ -105,12 +101,11 @@ def test_backbone_pad_states_cannot_reach_real_rows():
     assert bool(s.isfinite().all())
 
 
-@pytest.mark.parametrize("form", ["transformer", "mlp"])
 @pytest.mark.parametrize("arch", CAUSAL)
-def test_cached_decode_equals_full_forward(arch, form):
+def test_cached_decode_equals_full_forward(arch):
     """generate() with the KV cache vs one forward over prompt + generated tokens without cache:
     the logits of every step, left-padded batch."""
-    a, tok = build(arch, form=form)
+    a, tok = build(arch)
     b = tok(TEXTS, return_tensors="pt", padding=True)
     n = 5
     new, scores = a.generate(b["input_ids"], b["attention_mask"], max_new_tokens=n, eos_token_id=[],
@@ -124,7 +119,7 @@ def test_cached_decode_equals_full_forward(arch, form):
     with torch.no_grad():
         cache = a(b["input_ids"], b["attention_mask"], use_cache=True).cache
     assert isinstance(cache, LadderCache) and cache.get_seq_length() == T
-    assert len(cache.keys) == (a.model.config.num_hidden_layers if form == "transformer" else 0)
+    assert len(cache.keys) == a.model.config.num_hidden_layers
 
 
 # --- memory: no gradient into the backbone ------------------------------------------------------------
@@ -214,8 +209,6 @@ def test_cache_reorder_and_repeat_move_the_side_cache(arch):
 
 # --- configuration -----------------------------------------------------------------------------------
 def test_bad_arguments_name_the_fix():
-    with pytest.raises(ValueError, match="choose one of: transformer, mlp"):
-        build("llama", form="conv")
     with pytest.raises(ValueError, match="choose one of: add, replace"):
         build("llama", merge="mix")
     with pytest.raises(ValueError, match="must divide the side width 4"):   # tiny: 32 / 8 = 4

@@ -10,11 +10,11 @@ w = H / reduction).
     out = h_L + up(LN(s_L))     merge="add" (default): up = 0 at init -> out = h_L exactly
     out = up(LN(s_L))           merge="replace": the paper's form, the head reads the side network only
 
-form="transformer" (default, the paper's): side_i is a pre-norm transformer block of width w -
-self-attention over the tokens (causal for causal LMs, padding masked for all; rotary positions
-from the explicit position_ids, so left padding is exact) and a GELU FFN. form="mlp": the former
-per-token residual MLP (no attention: it cannot mix tokens and needs no side cache). Side weights
-start random; the paper's initialization by structural pruning of the backbone is not done.
+side_i is a pre-norm transformer block of width w, as in the paper: self-attention over the tokens
+(causal for causal LMs, padding masked for all; rotary positions from the explicit position_ids,
+so left padding is exact) and a GELU FFN. (An earlier per-token MLP side network could not mix
+tokens; on SST-2 it measured no better, so it was removed - docs/benchmarks.md, "Ladder".) Side
+weights start random; the paper's initialization by structural pruning of the backbone is not done.
 
 Generation: the side attention keeps its own keys/values, so run_backbone returns a LadderCache
 that wraps the backbone's transformers Cache and the side's per-block (k, v). `out` feeds the
@@ -31,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .base import Method, register
 
-FORMS = ("transformer", "mlp")
 MERGES = ("add", "replace")
 GATE_T = 0.1  # the paper's gate temperature: sigmoid(gate / T) moves 10x faster than sigmoid(gate)
 
@@ -43,7 +42,7 @@ class LadderCache:
 
     def __init__(self, backbone, keys: list | None = None, values: list | None = None):
         self.backbone = backbone
-        self.keys = keys or []      # [] until the first pass stores them (or form="mlp": never)
+        self.keys = keys or []      # [] until the first pass stores them
         self.values = values or []
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -108,33 +107,17 @@ class SideTransformerBlock(nn.Module):
         return s + self.fc2(F.gelu(self.fc1(self.norm2(s)))), kv
 
 
-class SideMLPBlock(nn.Module):
-    """form="mlp": (B, T, w) -> (B, T, w): s + W2 gelu(W1 LN(s)), per token (mixes no tokens)."""
-
-    def __init__(self, width: int, expansion: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, expansion * width)
-        self.fc2 = nn.Linear(expansion * width, width)
-
-    def forward(self, s, rope, allowed, past):
-        return s + self.fc2(F.gelu(self.fc1(self.norm(s)))), None
-
-
 class LadderSide(nn.Module):
     """adapted.delta for this method: the side network, and the backbone call that feeds it."""
 
-    def __init__(self, hidden: int, num_layers: int, width: int, *, form: str, heads: int, expansion: int,
+    def __init__(self, hidden: int, num_layers: int, width: int, *, heads: int, expansion: int,
                  merge: str, rope: bool, causal: bool, recompute: bool):
         super().__init__()
-        self.form, self.merge, self.causal, self.recompute = form, merge, causal, recompute
+        self.merge, self.causal, self.rope, self.recompute = merge, causal, rope, recompute
         self.head_dim = width // heads
-        self.rope = rope and form == "transformer"
         self.downs = nn.ModuleList(nn.Linear(hidden, width) for _ in range(num_layers + 1))   # H -> w
         self.gates = nn.Parameter(torch.zeros(num_layers))     # sigmoid(0) = 1/2: a balanced mix at init
-        self.blocks = nn.ModuleList(
-            SideTransformerBlock(width, heads, expansion) if form == "transformer" else SideMLPBlock(width, expansion)
-            for _ in range(num_layers))
+        self.blocks = nn.ModuleList(SideTransformerBlock(width, heads, expansion) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, hidden)                                                  # w -> H
         if merge == "add":  # the side adds exactly 0 until it has trained
@@ -172,22 +155,19 @@ class LadderSide(nn.Module):
         B, T = hs[0].shape[:2]
         past = cache is not None and len(cache.keys) > 0
         T_past = cache.keys[0].shape[2] if past else 0
-        if self.form == "transformer" and attention_mask.shape != (B, T_past + T):
+        if attention_mask.shape != (B, T_past + T):
             raise ValueError(f"method 'ladder': attention_mask has shape {tuple(attention_mask.shape)}, expected "
                              f"({B}, {T_past + T}): the mask of the {T_past} cached and the {T} new tokens")
         real = attention_mask[:, -T:].bool()[..., None]          # (B, T, 1)
-        allowed = rope = None
-        if self.form == "transformer":
-            q = torch.arange(T, device=hs[0].device) + T_past    # absolute index of each query
-            k = torch.arange(T_past + T, device=hs[0].device)
-            allowed = attention_mask.bool()[:, None, None, :]    # (B, 1, 1, Tk): padding keys masked
-            if self.causal:
-                allowed = allowed & (k[None, :] <= q[:, None])   # (B, 1, T, Tk)
-            # Every query also sees itself: a left-pad query would otherwise have no key at all
-            # (softmax of all -inf = NaN, and NaN values poison real rows even at weight 0).
-            allowed = allowed | (k[None, :] == q[:, None])
-            if self.rope:
-                rope = rotary(position_ids, self.head_dim, dtype)
+        q = torch.arange(T, device=hs[0].device) + T_past        # absolute index of each query
+        k = torch.arange(T_past + T, device=hs[0].device)
+        allowed = attention_mask.bool()[:, None, None, :]        # (B, 1, 1, Tk): padding keys masked
+        if self.causal:
+            allowed = allowed & (k[None, :] <= q[:, None])       # (B, 1, T, Tk)
+        # Every query also sees itself: a left-pad query would otherwise have no key at all, and
+        # some SDPA backends give NaN for such a row (torch 2.13 on CPU gives 0).
+        allowed = allowed | (k[None, :] == q[:, None])
+        rope = rotary(position_ids, self.head_dim, dtype) if self.rope else None
         # Pad positions start from 0, not from the backbone's pad states: nothing there can be NaN.
         s = torch.where(real, self.downs[0](hs[0].to(dtype)), 0)
         for i, block in enumerate(self.blocks):
@@ -195,12 +175,12 @@ class LadderSide(nn.Module):
             x = g * self.downs[i + 1](hs[i + 1].to(dtype)) + (1 - g) * s
             x = torch.where(real, x, 0)
             if self.recompute and cache is None and torch.is_grad_enabled():
-                # Keep only the block's input (B, T, w) for backward and rerun the block there: the
-                # side's FLOPs are ~1-2% of the backbone's, its saved activations ~15 tensors a block.
+                # Keep only the block's input (B, T, w) for backward and rerun the block there: a side
+                # block costs ~2% of a backbone block's FLOPs, but would keep ~15 tensors of (B, T, w+).
                 s, kv = checkpoint(block, x, rope, allowed, None, use_reentrant=False)
             else:
                 s, kv = block(x, rope, allowed, (cache.keys[i], cache.values[i]) if past else None)
-            if cache is not None and kv is not None:
+            if cache is not None:
                 if past:
                     cache.keys[i], cache.values[i] = kv
                 else:
@@ -219,7 +199,6 @@ class Ladder(Method):
     reduction: int = 8            # side width w = hidden / reduction
     heads: int | None = None      # side attention heads; None: max(1, backbone heads // reduction), dividing w
     expansion: int = 4            # side FFN width = expansion * w
-    form: str = "transformer"     # "transformer" (the paper's) or "mlp" (per-token, no attention)
     merge: str = "add"            # "add": h_L + up(side), identity at init; "replace": up(side) (the paper's)
     rope: bool = True             # rotary positions in the side attention (else: only what h_i carries)
     recompute: bool = True        # training: rerun each side block in backward instead of keeping its activations
@@ -228,7 +207,6 @@ class Ladder(Method):
         self._check(self.reduction >= 1, "reduction", f"must be >= 1, got {self.reduction}")
         self._check(self.expansion >= 1, "expansion", f"must be >= 1, got {self.expansion}")
         self._check(self.heads is None or self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
-        self._check(self.form in FORMS, "form", f"'{self.form}' is unknown; choose one of: {', '.join(FORMS)}")
         self._check(self.merge in MERGES, "merge", f"'{self.merge}' is unknown; choose one of: {', '.join(MERGES)}")
 
     def side_shape(self, cfg) -> tuple[int, int]:
@@ -242,7 +220,7 @@ class Ladder(Method):
         self._check(width % heads == 0, "heads", f"must divide the side width {width} (hidden {cfg.hidden_size} / "
                     f"reduction {self.reduction}), got {heads}; choose one of: "
                     f"{', '.join(str(d) for d in range(1, width + 1) if width % d == 0)}")
-        if self.rope and self.form == "transformer":
+        if self.rope:
             self._check((width // heads) % 2 == 0, "heads", f"gives an odd head size {width // heads}, which "
                         "rotary positions cannot pair up; choose other heads or rope=false")
         return width, heads
@@ -253,6 +231,6 @@ class Ladder(Method):
                              "attach with layer=-1")
         cfg = adapted.model.config
         width, heads = self.side_shape(cfg)
-        adapted.delta = LadderSide(cfg.hidden_size, cfg.num_hidden_layers, width, form=self.form, heads=heads,
+        adapted.delta = LadderSide(cfg.hidden_size, cfg.num_hidden_layers, width, heads=heads,
                                    expansion=self.expansion, merge=self.merge, rope=self.rope,
                                    causal=adapted.causal, recompute=self.recompute)
