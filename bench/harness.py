@@ -36,9 +36,9 @@ OURS_ARGS = {"lora": dict(r=8, alpha=16), "prefix": dict(k=10, prefix_hidden=512
              "prompt": dict(k=20, init="random")}
 
 
-def build(impl: str, method: str, model, tok):
+def build(impl: str, method: str, model, tok, method_args: dict | None = None):
     if impl == "ours":
-        args = OURS_ARGS.get(method, {})
+        args = OURS_ARGS.get(method, {}) | (method_args or {})
         return lmadapt.attach(model, method, tokenizer=tok, **args)
     import peft
     cfg_cls = {"lora": peft.LoraConfig, "prefix": peft.PrefixTuningConfig, "prompt": peft.PromptTuningConfig}[method]
@@ -55,13 +55,15 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--method-args", help="k=v,... for ours, over OURS_ARGS (e.g. recompute=false)")
     a = ap.parse_args()
     precision = resolve(a.precision, "cpu")
     if a.warmup < 1:
         ap.error("--warmup must be >= 1 (the first step is the one whose FLOPs are counted)")
     torch.manual_seed(0)
     model, tok = lmadapt.load(a.model)
-    net = build(a.impl, a.method, model, tok)
+    from lmadapt.cli import parse_method_args
+    net = build(a.impl, a.method, model, tok, parse_method_args(a.method_args))
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -89,8 +91,8 @@ def main():
             if i >= a.warmup:
                 times.append(time.perf_counter() - t)
     trainable = sum(p.numel() for p in params)
-    print(json.dumps({"impl": a.impl, "method": a.method, "precision": precision, "flops": flops,
-                      "step_seconds": statistics.median(times),
+    print(json.dumps({"impl": a.impl, "method": a.method, "method_args": a.method_args, "precision": precision,
+                      "flops": flops, "step_seconds": statistics.median(times),
                       "step_times": times, "added_mb": mem.added_mb, "peak_mb": mem.peak_mb,
                       "trainable": trainable, "loss": float(loss)}))
 
