@@ -209,7 +209,7 @@ class Adapted(nn.Module):
         of the B rows -> hidden (B, M, L, H). Row b's continuation m runs as row b * M + m on a
         copy of the cache (the caller's cache is left as it was); positions go on from the input's
         last real token, after any virtual or prefix positions (as generation.step does)."""
-        from transformers import DynamicCache
+        from .kv_loop import repeated_cache
         B, T = mask.shape
         M, L = ids.shape
         extra = cache.get_seq_length() - T                     # virtual-token / prefix positions
@@ -217,8 +217,7 @@ class Adapted(nn.Module):
         full = torch.cat([full, full.new_ones(B * M, L)], 1)
         start = (extra + mask.long().sum(1)).repeat_interleave(M)                      # (B*M,)
         pos = start[:, None] + torch.arange(L, device=ids.device)                      # (B*M, L)
-        rep = DynamicCache([(layer.keys.repeat_interleave(M, 0), layer.values.repeat_interleave(M, 0))
-                            for layer in cache.layers], config=self.model.config)
+        rep = repeated_cache(cache, M, self.model.config)   # a copy: the caller's cache stays as it was
         ids_per_row = self.slots.ids.repeat_interleave(M) if self.slots.ids is not None else None
         with self.slots.route(ids_per_row):
             h, _ = self.encode(ids.repeat(B, 1), full, position_ids=pos, cache=rep, use_cache=True)

@@ -39,3 +39,14 @@ def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -
         hit = (grams[:, :, :-1] == generated[:, t - n + 1:].unsqueeze(1)).all(-1)   # (R, t - n + 1)
     banned = torch.zeros_like(scores).scatter_add_(1, grams[:, :, -1], hit.to(scores.dtype))
     return scores.masked_fill(banned > 0, float("-inf"))
+
+
+def repeated_cache(cache, n: int, config):
+    """A new cache with every row repeated n times (row b -> rows b*n .. b*n+n-1), leaving `cache`
+    as it was (batch_repeat_interleave works in place, and deepcopy refuses tensors that carry a
+    graph). A method's own cache type provides `repeated(n, config)` (ladder's LadderCache)."""
+    from transformers import DynamicCache
+    if hasattr(cache, "repeated"):
+        return cache.repeated(n, config)
+    return DynamicCache([(layer.keys.repeat_interleave(n, 0), layer.values.repeat_interleave(n, 0))
+                         for layer in cache.layers], config=config)

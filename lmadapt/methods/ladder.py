@@ -58,6 +58,13 @@ class LadderCache:
         self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
         self.values = [v.repeat_interleave(n, dim=0) for v in self.values]
 
+    def repeated(self, n: int, config) -> "LadderCache":
+        """An out-of-place batch_repeat_interleave (kv_loop.repeated_cache: verbalizer words)."""
+        from ..kv_loop import repeated_cache
+        return LadderCache(repeated_cache(self.backbone, n, config),
+                           [k.repeat_interleave(n, dim=0) for k in self.keys],
+                           [v.repeat_interleave(n, dim=0) for v in self.values])
+
 
 def rotary(pos: torch.Tensor, head_dim: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """position ids (B, T) -> cos, sin (B, 1, T, head_dim / 2), shared by every side block."""
