@@ -127,6 +127,16 @@ TOY_GEN = Task(name="toygen", kind="generation", metric="bleu", prompt="{text} t
                uses_data_root=False, description="toy table-to-text")
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaMA + tokenizer saved as a local Hugging Face folder (for the CLI)."""
+    d = tmp_path_factory.mktemp("tinyllama")
+    tok = make_tokenizer()
+    make_model("llama", len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def toy_cls():
     return TOY_CLS

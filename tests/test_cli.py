@@ -12,14 +12,6 @@ from conftest import REPO, _toy_examples, make_model, make_tokenizer, subprocess
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tinyllama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 def _run(capsys, *argv):
     code = main(list(argv))

@@ -16,14 +16,6 @@ from lmadapt.methods import METHODS
 from lmadapt.tasks import TASKS
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tinyllama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 def write_tsv(path, examples):
     path.write_text("sentence\tlabel\n" + "".join(f"{e.text}\t{'pos' if e.label else 'neg'}\n" for e in examples))

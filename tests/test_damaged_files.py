@@ -14,14 +14,6 @@ from lmadapt.cli import main
 from conftest import TOY_CLS, _toy_examples, make_model, make_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tinyllama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 @pytest.fixture
 def toy_tsv(tmp_path):

@@ -62,14 +62,6 @@ def test_members_equal_single_pattern_runs_and_the_ensemble_combines_them():
     assert not a.head.calibrated
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tinyllama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 def _file(tmp_path):
     p = tmp_path / "toy.tsv"

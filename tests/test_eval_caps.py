@@ -92,14 +92,6 @@ def test_progress_bars(capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tinyllama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 def test_cli_max_eval_max_ood_and_no_progress(tmp_path, tiny_dir, capsys):
     p = tmp_path / "toy.tsv"

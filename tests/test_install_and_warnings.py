@@ -61,14 +61,6 @@ def test_no_deprecated_calls(arch, method):
     lmadapt.train(c, TOY_CLS, max_steps=1, batch_size=4, progress=False, max_eval=4)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tinyllama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 def test_cli_prints_no_python_warnings(tmp_path, tiny_dir):
     from conftest import _toy_examples

@@ -18,15 +18,6 @@ from conftest import TOY_CLS, TOY_GEN, _toy_examples, make_model, make_tokenizer
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tinyllama")
-    tok = make_tokenizer()
-    m = make_model("llama", len(tok))
-    m.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 @pytest.fixture(scope="module")
 def toy_tsv(tmp_path_factory):
