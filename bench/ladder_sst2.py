@@ -25,7 +25,7 @@ from sst2_split import sst2_split
 CONFIGS = {  # name -> (method, method args, lr)
     "ladder-3e-3": ("ladder", {}, 3e-3),
     "ladder-1e-3": ("ladder", {}, 1e-3),
-    "ladder-replace-3e-3": ("ladder", {"merge": "replace"}, 3e-3),
+    "ladder-replace-3e-3": ("ladder", {"side_output": "replace"}, 3e-3),
     "lora-2e-3": ("lora", {"r": 4}, 2e-3),
 }
 

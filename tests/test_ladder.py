@@ -210,7 +210,7 @@ def test_cache_reorder_and_repeat_move_the_side_cache(arch):
 # --- configuration -----------------------------------------------------------------------------------
 def test_bad_arguments_name_the_fix():
     with pytest.raises(ValueError, match="choose one of: add, replace"):
-        build("llama", merge="mix")
+        build("llama", side_output="mix")
     with pytest.raises(ValueError, match="must divide the side width 4"):   # tiny: 32 / 8 = 4
         build("llama", heads=3)
     with pytest.raises(ValueError, match="odd head size"):
@@ -220,8 +220,8 @@ def test_bad_arguments_name_the_fix():
 
 
 def test_replace_merge_feeds_the_head_from_the_side_only():
-    """merge=replace (the paper's): the hidden state the head reads is up(LN(s_L)), with no h_L."""
-    a, tok = build("gpt2", merge="replace")
+    """side_output=replace (the paper's): the hidden state the head reads is up(LN(s_L)), with no h_L."""
+    a, tok = build("gpt2", side_output="replace")
     ids = tok(["the movie was good"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         hidden = a(ids).hidden

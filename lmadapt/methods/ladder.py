@@ -7,8 +7,8 @@ w = H / reduction).
 
     s_0 = down_0(h_0)                                          h_0: embeddings, h_i: block i output
     s_i = side_i(g_i * down_i(h_i) + (1 - g_i) * s_{i-1})      g_i = sigmoid(gate_i / 0.1), gate_i = 0 -> 1/2
-    out = h_L + up(LN(s_L))     merge="add" (default): up = 0 at init -> out = h_L exactly
-    out = up(LN(s_L))           merge="replace": the paper's form, the head reads the side network only
+    out = h_L + up(LN(s_L))     side_output="add" (default): up = 0 at init -> out = h_L exactly
+    out = up(LN(s_L))           side_output="replace": the paper's form, the head reads the side network only
 
 side_i is a pre-norm transformer block of width w, as in the paper: self-attention over the tokens
 (causal for causal LMs, padding masked for all; rotary positions from the explicit position_ids,
@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .base import Method, register
 
-MERGES = ("add", "replace")
+SIDE_OUTPUTS = ("add", "replace")
 GATE_T = 0.1  # the paper's gate temperature: sigmoid(gate / T) moves 10x faster than sigmoid(gate)
 
 
@@ -118,16 +118,16 @@ class LadderSide(nn.Module):
     """adapted.delta for this method: the side network, and the backbone call that feeds it."""
 
     def __init__(self, hidden: int, num_layers: int, width: int, *, heads: int, expansion: int,
-                 merge: str, rope: bool, causal: bool, recompute: bool):
+                 side_output: str, rope: bool, causal: bool, recompute: bool):
         super().__init__()
-        self.merge, self.causal, self.rope, self.recompute = merge, causal, rope, recompute
+        self.side_output, self.causal, self.rope, self.recompute = side_output, causal, rope, recompute
         self.head_dim = width // heads
         self.downs = nn.ModuleList(nn.Linear(hidden, width) for _ in range(num_layers + 1))   # H -> w
         self.gates = nn.Parameter(torch.zeros(num_layers))     # sigmoid(0) = 1/2: a balanced mix at init
         self.blocks = nn.ModuleList(SideTransformerBlock(width, heads, expansion) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, hidden)                                                  # w -> H
-        if merge == "add":  # the side adds exactly 0 until it has trained
+        if side_output == "add":  # the side adds exactly 0 until it has trained
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
@@ -152,7 +152,7 @@ class LadderSide(nn.Module):
             cache = LadderCache(getattr(out, "cache", None))
         s = self.side(hs, attention_mask, position_ids, cache)   # (B, T, w)
         side_out = self.up(self.norm(s)).to(out.last_hidden_state.dtype)                    # (B, T, H)
-        hidden = out.last_hidden_state + side_out if self.merge == "add" else side_out
+        hidden = out.last_hidden_state + side_out if self.side_output == "add" else side_out
         return hidden, cache
 
     def side(self, hs, attention_mask, position_ids, cache=None) -> torch.Tensor:
@@ -206,7 +206,7 @@ class Ladder(Method):
     reduction: int = 8            # side width w = hidden / reduction
     heads: int | None = None      # side attention heads; None: max(1, backbone heads // reduction), dividing w
     expansion: int = 4            # side FFN width = expansion * w
-    merge: str = "add"            # "add": h_L + up(side), identity at init; "replace": up(side) (the paper's)
+    side_output: str = "add"      # "add": h_L + up(side), identity at init; "replace": up(side) (the paper's)
     rope: bool = True             # rotary positions in the side attention (else: only what h_i carries)
     recompute: bool = True        # training: rerun each side block in backward instead of keeping its activations
 
@@ -214,7 +214,7 @@ class Ladder(Method):
         self._check(self.reduction >= 1, "reduction", f"must be >= 1, got {self.reduction}")
         self._check(self.expansion >= 1, "expansion", f"must be >= 1, got {self.expansion}")
         self._check(self.heads is None or self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
-        self._check(self.merge in MERGES, "merge", f"'{self.merge}' is unknown; choose one of: {', '.join(MERGES)}")
+        self._check(self.side_output in SIDE_OUTPUTS, "side_output", f"'{self.side_output}' is unknown; choose one of: {', '.join(SIDE_OUTPUTS)}")
 
     def side_shape(self, cfg) -> tuple[int, int]:
         """-> (width, heads) for a backbone config."""
@@ -239,5 +239,5 @@ class Ladder(Method):
         cfg = adapted.model.config
         width, heads = self.side_shape(cfg)
         adapted.delta = LadderSide(cfg.hidden_size, cfg.num_hidden_layers, width, heads=heads,
-                                   expansion=self.expansion, merge=self.merge, rope=self.rope,
+                                   expansion=self.expansion, side_output=self.side_output, rope=self.rope,
                                    causal=adapted.causal, recompute=self.recompute)
