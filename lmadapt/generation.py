@@ -7,19 +7,35 @@ left-padded batches decode exactly like each row alone.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .beam import beam_search
 from .kv_loop import ban_repeated_ngrams, start, step
+from .precision import autocast
 
 
+def with_precision(fn):
+    """generate(..., precision='auto'|'fp32'|'bf16') runs `fn` under that precision; None (the
+    default) leaves it to the caller's context."""
+    @functools.wraps(fn)
+    def run(adapted, input_ids, *args, precision: str | None = None, **kw):
+        if precision is None:
+            return fn(adapted, input_ids, *args, **kw)
+        with autocast(precision, input_ids.device):
+            return fn(adapted, input_ids, *args, **kw)
+    return run
+
+
+@with_precision
 @torch.no_grad()
 def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              slot_ids=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, output_scores: bool = False,
              num_beams: int = 1, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-             early_stopping: bool | str = False, precision: str | None = None):
+             early_stopping: bool | str = False):
     """-> new tokens (B, <= max_new_tokens); rows that finished early are padded with pad_token_id.
     With output_scores=True: (tokens, scores), scores (B, n, V) the float32 logits each step chose
     from (what tests compare: token ids alone hide small position errors).
@@ -30,13 +46,6 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     prompt does not count), greedy or beam.
     precision: 'auto' | 'fp32' | 'bf16' runs the decode under that precision (precision.py); None
     (the default) leaves it to the caller's context, as evaluation does."""
-    if precision is not None:
-        from .precision import autocast
-        kw = dict(locals())
-        for name in ("adapted", "input_ids", "attention_mask", "precision", "autocast"):
-            kw.pop(name)
-        with autocast(precision, input_ids.device):
-            return generate(adapted, input_ids, attention_mask, **kw)
     if adapted.head is not None:
         raise ValueError("generate() needs an LM (no classification head): attach without num_labels")
     if not adapted.causal:
