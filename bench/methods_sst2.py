@@ -20,7 +20,7 @@ import time
 import torch
 
 import lmadapt
-from lmadapt.cli import _table
+from lmadapt.cli import table as _table
 from sst2_split import sst2_split
 
 ALL = "probe,full,lora,adapter,bitfit,prompt,ptuning,prefix,ptuning2,ladder,intrinsic"

@@ -15,7 +15,7 @@ import time
 import torch
 
 import lmadapt
-from lmadapt.cli import _table
+from lmadapt.cli import table as _table
 from sst2_split import sst2_split
 
 

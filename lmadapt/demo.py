@@ -12,7 +12,7 @@ import time
 import torch
 
 import lmadapt
-from lmadapt.cli import _table
+from lmadapt.cli import table as _table
 from lmadapt.metrics import accuracy
 from lmadapt.methods.probe import extract_features
 from lmadapt.tasks import get_task
