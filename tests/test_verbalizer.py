@@ -103,10 +103,32 @@ def test_mlm_reads_the_mask_position():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_mlm_refuses_multi_token_words_and_encoders_without_an_mlm_head():
+@pytest.mark.parametrize("token_score", ["sum", "mean"])
+def test_mlm_multi_token_words_read_every_token_at_the_mask(token_score):
+    """'very bad' on an MLM: log p(very) + log p(bad), both at the one [MASK] (mean: / 2)."""
     tok = mlm_tokenizer()
-    with pytest.raises(ValueError, match="'very bad'.*several tokens; an MLM reads one"):
-        lmadapt.attach(mlm_model(len(tok)), "none", task=TOY_PVP, tokenizer=tok, template=TEMPLATE, verbalizer=MULTI)
+    model = mlm_model(len(tok))
+    a = lmadapt.attach(model, "none", task=TOY_PVP, tokenizer=tok, template=TEMPLATE, verbalizer=MULTI,
+                       token_score=token_score)
+    got = _scores(a)
+    b = _batch(a)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(**b).logits, -1)                       # (B, T, V)
+    pos = (b["input_ids"] == tok.mask_token_id).int().argmax(1)
+    rows = logp[torch.arange(3), pos]                                          # (B, V)
+
+    def word(w):
+        t = tok(w, add_special_tokens=False)["input_ids"]
+        s = rows[:, t].sum(-1)
+        return s / len(t) if token_score == "mean" else s
+    words = {w: word(w) for w in ("bad", "very bad", "good", "really very good")}
+    assert len(tok("really very good", add_special_tokens=False)["input_ids"]) == 3
+    expected = torch.stack([(words["bad"] + words["very bad"]) / 2, (words["good"] + words["really very good"]) / 2], 1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_mlm_refuses_encoders_without_an_mlm_head():
+    tok = mlm_tokenizer()
     bert = make_model("bert", len(tok))   # a bare encoder, as minilm-l6 loads
     with pytest.raises(ValueError, match="no LM head.*minilm-l6"):
         lmadapt.attach(bert, "lora", task=TOY_PVP, tokenizer=tok, head="verbalizer")

@@ -12,7 +12,10 @@ Cost. A single-token word costs a gather: the LM head is applied at ONE position
 -> (B, V), never to all T positions. A causal LM's multi-token words (M of them, longest L + 1
 tokens) continue each row from the input's KV cache: their first L tokens are fed after the
 input, batched over words as B * M rows of L tokens (Adapted._extend), and the LM head is applied
-to those B * M * L positions only. An MLM reads one [MASK], so its words must be single tokens.
+to those B * M * L positions only. An MLM reads one [MASK]: a multi-token word's tokens are all
+read there (the sum or mean of their log-probs at the mask, as OpenPrompt's multi-token handling
+does), an approximation, since the MLM predicts one token per mask; PET's decoding over several
+masks is not implemented.
 
 Calibration (Zhao et al. 2021): `calibrate(adapted)` runs content-free inputs ('N/A', '',
 '[MASK]') through the template and stores the mean of their label distributions, p_cf (C,) per
@@ -78,11 +81,6 @@ class VerbalizerHead(nn.Module):
         self.loss = cross_entropy
         ids = word_token_ids(tok, self.verbalizer, self.template.space_before_mask(self.causal))
         flat = self.verbalizer.flat()
-        if not self.causal:
-            long = [w for (_, w), i in zip(flat, ids) if len(i) > 1]
-            if long:
-                raise ValueError(f"verbalizer words {', '.join(map(repr, long))} are several tokens; an MLM "
-                                 "reads one [MASK], so choose single-token words (or use a causal LM)")
         dev = model.device
         buf = lambda name, t: self.register_buffer(name, t.to(dev), persistent=False)  # noqa: E731
         buf("first", torch.tensor([i[0] for i in ids]))                                   # (W,)
@@ -126,11 +124,15 @@ class VerbalizerHead(nn.Module):
                                  "(adapted.input_encoder())")
             read = is_mask.int().argmax(1)                             # (B,) first [MASK]
         h = x.hidden[torch.arange(B, device=read.device), read]        # (B, H): one position per row
-        words = self._log_probs(h)[:, self.first]                      # (B, W)
-        if self.needs_cache:
+        at_mask = self._log_probs(h)                                   # (B, V)
+        words = at_mask[:, self.first]                                 # (B, W)
+        if self.needs_cache:  # causal: the word's later tokens, each after the ones before it
             cont = self._log_probs(x.extend(self.rest_in))             # (B, M, L, V)
             tgt = self.rest_tgt.expand(B, -1, -1).unsqueeze(-1)        # (B, M, L, 1)
             rest = (cont.gather(-1, tgt).squeeze(-1) * self.rest_valid).sum(-1)   # (B, M)
+            words = words.index_add(1, self.rest_word, rest)
+        elif len(self.rest_word):  # MLM: every token of the word read at the one [MASK]
+            rest = (at_mask[:, self.rest_tgt] * self.rest_valid).sum(-1)          # (B, M, L) -> (B, M)
             words = words.index_add(1, self.rest_word, rest)
         if self.token_score == "mean":
             words = words / self.word_len
