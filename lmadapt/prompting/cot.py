@@ -116,7 +116,7 @@ def run_cot(adapted, task, cfg: CotConfig, *, queries=None, split: str = "test",
     def prompts_for(rationale: bool, reserve: int):
         pieces = [tok(exemplar(t, ex, rationale) + cfg.separator, add_special_tokens=False)["input_ids"]
                   for ex in shots]
-        budget, where = window_budget(adapted, cfg.max_length, reserve)
+        budget, where = window_budget(adapted, cfg.max_length, reserve, "cot")
         return fit_prompts([pieces] * len(queries), [q[-budget:] for q in query_ids], budget, where, cfg.k,
                            cfg.overflow, what="cot")
 

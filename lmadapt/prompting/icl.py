@@ -174,19 +174,19 @@ def model_window(model) -> int | None:
     return None
 
 
-def window_budget(adapted, max_length: int | None, reserve: int) -> tuple[int, str]:
+def window_budget(adapted, max_length: int | None, reserve: int, what: str = "icl") -> tuple[int, str]:
     """-> (tokens the prompt may take, how the window was found)."""
     window = model_window(adapted.model)
     if max_length is not None:
         limit, source = (max_length, "max_length") if window is None or max_length <= window \
             else (window, "max_position_embeddings")
     elif window is None:
-        raise ValueError("icl: the model's config states no window (max_position_embeddings); pass max_length")
+        raise ValueError(f"{what}: the model's config states no window (max_position_embeddings); pass max_length")
     else:
         limit, source = window, "max_position_embeddings"
     if limit - reserve < 1:
-        raise ValueError(f"icl: a window of {limit} tokens leaves no room for the prompt ({reserve} are "
-                         "read after it); raise max_length")
+        raise ValueError(f"{what}: a window of {limit} tokens leaves no room for the prompt ({reserve} are "
+                         "read or generated after it); raise max_length or lower max_new_tokens")
     return limit - reserve, f"{source} {limit} minus {reserve} read after the prompt"
 
 
