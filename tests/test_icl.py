@@ -200,3 +200,23 @@ def test_minilm_embeds_a_paraphrase_nearest():
     query = e(["a wonderful, moving film"])
     assert torch.allclose(pool.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert int((query @ pool.T).argmax()) == 1
+
+
+@pytest.mark.integration
+def test_with_smollm2s_bpe_tokenizer_k0_is_zero_shot_and_demonstrations_keep_their_spaces():
+    """SmolLM2's BPE tokenizer (a tiny random LLaMA under it): spaces matter there, so the query
+    must be encoded exactly as the verbalizer head encodes it, and a demonstration reads
+    '<text> It was great' with the word's leading space."""
+    from transformers import AutoTokenizer
+    from conftest import make_model
+    from lmadapt.models import prepare_tokenizer, resolve
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
+    prepare_tokenizer(tok, "causal")
+    sst2 = lmadapt.TASKS["sst2"]
+    adapted = lmadapt.attach(make_model("llama", len(tok)), "none", task=sst2, tokenizer=tok, head="verbalizer")
+    queries = sst2.load("dev")[:4]
+    zero = run_seed(adapted, sst2, [], queries, IclConfig(k=0, seeds=(0,)), 0)
+    torch.testing.assert_close(zero["scores"], member_scores(adapted, queries), atol=1e-5, rtol=1e-5)
+    assert demonstration(sst2, Example("a gem .", label=1), adapted.head) == "a gem . It was great"
+    r = run_seed(adapted, sst2, queries, queries[:1], IclConfig(k=2, seeds=(0,), pool=None), 0)
+    assert r["first_prompt"].count(" It was ") == 2 and r["first_prompt"].endswith(queries[0].text + " It was")
