@@ -110,6 +110,9 @@ _NUMBER = re.compile(r"(?:(?<![\w)])[-\u2212])?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d
 _MARKERS = (re.compile(r"####"), re.compile(r"\\boxed\{"), re.compile(r"answer\s+is\b\s*:?", re.I))
 
 
+_SENTENCE_END = re.compile(r"\.(?:\s|$)")
+
+
 def normalize_number(s: str) -> str:
     """'$1,250.00' -> '1250', '\u22123' -> '-3', '0.50' -> '0.5': one spelling per value."""
     s = s.replace("$", "").replace(",", "").replace("\u2212", "-").strip()
@@ -122,17 +125,19 @@ def normalize_number(s: str) -> str:
 def final_number(text: str) -> str | None:
     """The final numeric answer of a worked solution (normalized), or None when there is none.
 
-    The first number after the LAST answer marker ("#### N", "\\boxed{N}", "The answer is N", on
-    the same line); without a marker (or with none followed by a number on its line), the last
+    The last number of the sentence after the LAST answer marker ("#### N", "\\boxed{N}", "The
+    answer is N"; the sentence ends at a full stop or the line's end, so "The answer is 2 * 0.75 =
+    1.75 bolts" is 1.75); without a marker (or none followed by a number in its sentence), the last
     number of the text. Robust to '$', thousands commas, units and trailing punctuation
     ("The answer is $1,250.", "18 eggs.", "25%")."""
     for marker in _MARKERS:
         hits = list(marker.finditer(text))
         if hits:
-            rest = text[hits[-1].end():].split("\n", 1)[0]
-            m = _NUMBER.search(rest)
-            if m:
-                return normalize_number(m.group())
+            # the marker's sentence: to the end of its line or a full stop ("13.50" is no stop)
+            rest = _SENTENCE_END.split(text[hits[-1].end():].split("\n", 1)[0], 1)[0]
+            nums = _NUMBER.findall(rest)
+            if nums:   # its last number: "The answer is 2 * 0.75 = 1.75 bolts" -> 1.75
+                return normalize_number(nums[-1])
     nums = _NUMBER.findall(text)
     return normalize_number(nums[-1]) if nums else None
 

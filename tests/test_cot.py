@@ -32,6 +32,8 @@ OUTPUTS = [  # (a model's continuation, the number it answers)
     ("Each box holds 1,200 pencils, so 3 boxes hold 3,600", "3600"),
     ("I am not sure how to solve this.", None),
     ("The answer is 7.0", "7"),
+    ("The answer is 2 * 0.75 = 1.75 bolts of blue fiber.", "1.75"),                 # real SmolLM2 output
+    ("The answer is 3 + 4 = 7. She has 9 left over.", "7"),
     ("The answer is 18\n\nQuestion: A farmer has 12 cows. The answer is 3", "3"),   # an uncut run-on: the last marker
 ]
 
