@@ -35,7 +35,6 @@ import random
 import statistics
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
