@@ -291,7 +291,8 @@ def _query_ids(adapted, task, q, head, budget: int) -> list[int]:
 
 def run_seed(adapted, task, train, queries, cfg: IclConfig, seed: int, *, embedder=None, cache_dir=None,
              precision: str = "auto", progress: bool = False) -> dict:
-    """One seed: pool, selection, order, prompts, scores -> {'seed', 'metrics', 'demonstrations', ...}."""
+    """One seed: pool, selection, order, prompts, scores -> {'seed', 'metrics', 'demonstrations_used',
+    'prompt_tokens', 'first_prompt', 'predictions' (generation), 'scores' (classification, (N, C))}."""
     head = adapted.head if isinstance(adapted.head, VerbalizerHead) else None
     classify = head is not None
     tok = adapted.tokenizer
