@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Sequence
 
 # The names a Task may use as its `metric`; `compute` dispatches on them.
-METRICS = ("accuracy", "macro_f1", "squad", "bleu", "rouge_l", "preference_accuracy")
+METRICS = ("accuracy", "macro_f1", "squad", "bleu", "rouge_l", "preference_accuracy", "numeric_accuracy")
 
 
 def _check_lengths(predictions: Sequence, references: Sequence, what: str) -> None:
@@ -101,6 +101,59 @@ def squad_em_f1(predictions: Sequence[str], references_list: Sequence[Sequence[s
     return {"em": 100.0 * em / n, "f1": 100.0 * f1 / n}
 
 
+# --- final numeric answers (GSM8K, chain-of-thought) ---------------------------------------
+
+# A number as written in a worked solution: an optional sign (only where it cannot be a binary
+# minus: "16-3" is 16 and 3), an optional '$', thousands groups ("1,250") or plain digits, decimals.
+_NUMBER = re.compile(r"(?:(?<![\w)])[-\u2212])?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# Explicit answer markers, strongest first: GSM8K's "#### N", LaTeX's \boxed{N}, "The answer is N".
+_MARKERS = (re.compile(r"####"), re.compile(r"\\boxed\{"), re.compile(r"answer\s+is\b\s*:?", re.I))
+
+
+_SENTENCE_END = re.compile(r"\.(?:\s|$)")
+
+
+def normalize_number(s: str) -> str:
+    """'$1,250.00' -> '1250', '\u22123' -> '-3', '0.50' -> '0.5': one spelling per value."""
+    s = s.replace("$", "").replace(",", "").replace("\u2212", "-").strip()
+    value = float(s)
+    if value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def final_number(text: str) -> str | None:
+    """The final numeric answer of a worked solution (normalized), or None when there is none.
+
+    The last number of the sentence after the LAST answer marker ("#### N", "\\boxed{N}", "The
+    answer is N"; the sentence ends at a full stop or the line's end, so "The answer is 2 * 0.75 =
+    1.75 bolts" is 1.75); without a marker (or none followed by a number in its sentence), the last
+    number of the text. Robust to '$', thousands commas, units and trailing punctuation
+    ("The answer is $1,250.", "18 eggs.", "25%")."""
+    for marker in _MARKERS:
+        hits = list(marker.finditer(text))
+        if hits:
+            # the marker's sentence: to the end of its line or a full stop ("13.50" is no stop)
+            rest = _SENTENCE_END.split(text[hits[-1].end():].split("\n", 1)[0], 1)[0]
+            nums = _NUMBER.findall(rest)
+            if nums:   # its last number: "The answer is 2 * 0.75 = 1.75 bolts" -> 1.75
+                return normalize_number(nums[-1])
+    nums = _NUMBER.findall(text)
+    return normalize_number(nums[-1]) if nums else None
+
+
+def numeric_accuracy(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+    """% of predictions whose final number (final_number) equals a reference's final number; a
+    prediction without a number is wrong. References are worked solutions or bare numbers."""
+    _check_lengths(predictions, references_list, "numeric_accuracy")
+    _check_references(references_list, "numeric_accuracy")
+    hits = 0
+    for pred, refs in zip(predictions, references_list):
+        got = final_number(pred)
+        hits += got is not None and any(got == final_number(r) for r in refs)
+    return 100.0 * hits / len(predictions)
+
+
 # --- BLEU / ROUGE-L ---------------------------------------------------------------------------
 
 
@@ -149,6 +202,7 @@ def compute(metric_name: str, predictions: Sequence, references: Sequence | None
 
     accuracy / macro_f1: predictions and references are class indices. squad / bleu / rouge_l:
     predictions are strings, references a list of reference strings per example.
+    numeric_accuracy: the same, compared by their final numbers (final_number).
     preference_accuracy: predictions are booleans (chosen scored above rejected); references unused.
     """
     if metric_name not in METRICS:
@@ -165,6 +219,8 @@ def compute(metric_name: str, predictions: Sequence, references: Sequence | None
         return {"bleu": bleu(predictions, references)}
     if metric_name == "rouge_l":
         return {"rouge_l": rouge_l(predictions, references)}
+    if metric_name == "numeric_accuracy":
+        return {"numeric_accuracy": numeric_accuracy(predictions, references)}
     if metric_name == "preference_accuracy":
         if references is not None:
             _check_lengths(predictions, references, "preference_accuracy")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -24,7 +25,7 @@ from typing import Callable, Mapping
 
 from .data import (Example, data_error, label_index, label_key, read_json, read_rows,
                    resolve_data_root, sorted_labels, text_field)
-from .metrics import METRICS
+from .metrics import METRICS, normalize_number
 from .prompting.pvps import NLI_PVPS, RTE_PVPS, SENTIMENT_PVPS
 
 KINDS = ("classification", "pair_classification", "generation", "preference", "instruction")
@@ -245,6 +246,34 @@ def _alpaca(root: Path, part: str) -> list[Example]:
             for line, r in _tail(rows, part, 500) if get(r, line, "output")]
 
 
+CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_solution(answer: str) -> tuple[str, str]:
+    """GSM8K's answer field -> (worked solution ending "The answer is N.", N). The calculator
+    notes `<<16-3-4=9>>` are removed, and the final line `#### N` becomes "The answer is N." (the
+    chain-of-thought wording of Wei et al. 2022)."""
+    body, sep, final = answer.rpartition("####")
+    if not sep or not final.strip():
+        raise ValueError("no final '#### N' line")
+    lines = [ln.strip() for ln in CALCULATOR_NOTE.sub("", body).strip().split("\n") if ln.strip()]
+    number = final.strip()
+    return "\n".join(lines + [f"The answer is {number}."]), number
+
+
+def _gsm8k(root: Path, rel: str) -> list[Example]:
+    rows, get = _rows(root, rel, ["question", "answer"])
+    out = []
+    for line, r in rows:
+        try:
+            solution, number = gsm8k_solution(get(r, line, "answer"))
+        except ValueError as e:
+            raise data_error(root / rel, line, f"field 'answer': {e}", root) from None
+        out.append(Example(text=get(r, line, "question"), target=solution, references=[solution],
+                           meta={"answer": normalize_number(number)}))
+    return out
+
+
 ASSISTANT = "\n\nAssistant:"
 
 
@@ -393,6 +422,12 @@ register_task(Task(
     splits={"train": P(_ultrafeedback, rel="ultrafeedback_subset/train_prefs.jsonl"),
             "dev": P(_ultrafeedback, rel="ultrafeedback_subset/test_prefs.jsonl")},
     ood=("hh_rlhf",)))
+register_task(Task(
+    name="gsm8k", kind="generation", metric="numeric_accuracy", prompt="Question: {text}\nAnswer:",
+    description="GSM8K grade-school math (train 7,473 / test 1,319; no dev split). target: the "
+                "worked solution without the <<...>> calculator notes, ending 'The answer is N.'; "
+                "scored by the final number (lmadapt cot: chain-of-thought, self-consistency).",
+    splits={s: P(_gsm8k, rel=f"gsm8k/{s}.jsonl") for s in ("train", "test")}))
 _ALPACA_HEAD = "Below is an instruction that describes a task"
 register_task(Task(
     name="alpaca", kind="instruction", metric="rouge_l",

@@ -79,6 +79,7 @@ def test_compute_dispatches_every_task_metric():
         "bleu": compute("bleu", ["a b c d"], [["a b c d"]]),
         "rouge_l": compute("rouge_l", ["a b"], [["a b"]]),
         "preference_accuracy": compute("preference_accuracy", [True, False], None),
+        "numeric_accuracy": compute("numeric_accuracy", ["so $1,080.", "7"], [["The answer is 1080."], ["8"]]),
     }
     assert set(out) == set(METRICS)
     assert out["accuracy"] == {"accuracy": 50.0}
@@ -87,6 +88,7 @@ def test_compute_dispatches_every_task_metric():
     assert out["bleu"] == {"bleu": pytest.approx(100.0)}
     assert out["rouge_l"] == {"rouge_l": pytest.approx(100.0)}
     assert out["preference_accuracy"] == {"preference_accuracy": 50.0}
+    assert out["numeric_accuracy"] == {"numeric_accuracy": 50.0}
 
 
 def test_errors():

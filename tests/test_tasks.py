@@ -47,7 +47,7 @@ def test_every_split_loads_well_formed_examples(name, split):
 
 def test_every_dataset_folder_has_a_task():
     expected = {"sst2", "imdb", "rte", "mnli", "snli", "e2e_nlg", "webnlg", "squad", "xsum",
-                "scitldr", "hh_rlhf", "ultrafeedback", "alpaca"} | {
+                "scitldr", "hh_rlhf", "ultrafeedback", "alpaca", "gsm8k"} | {
         f"amazon_{d}" for d in ("books", "dvd", "electronics", "kitchen", "airline")}
     assert set(TASKS) == expected
 

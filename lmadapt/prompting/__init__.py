@@ -5,8 +5,12 @@
 - head.py       the verbalizer head (a classification head like the linear one) and calibration
 - ensemble.py   ensembles over patterns, verbalizers and pattern-verbalizer pairs
 - pet.py        PET and iPET (Schick & Schuetze 2021)
+- icl.py        in-context learning: demonstrations (random, balanced, kNN), order, the window
+- embed.py      sentence embeddings for kNN, cached on disk
+- cot.py        chain-of-thought and self-consistency (GSM8K)
+- instruct.py   instruction tuning: FLAN-style mixture, held-out clusters, zero-shot evaluation
 
-Importing this package registers the 'verbalizer' head (lmadapt.heads.HEADS). ensemble and pet
+Importing this package registers the 'verbalizer' head (lmadapt.heads.HEADS). The other modules
 use the public API (lmadapt.api) and are imported on their own.
 """
 from .head import CONTENT_FREE, VerbalizerHead, calibrate, lm_head_of  # noqa: F401
