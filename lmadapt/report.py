@@ -146,12 +146,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def largest(groups: list[dict]) -> list[dict]:
-    """Per method, its group at the largest shots setting (the 'full' budget where run)."""
-    best = {}
-    for g in groups:
-        if g["method"] not in best or _shots_key(g["shots"]) > _shots_key(best[g["method"]]["shots"]):
-            best[g["method"]] = g
-    return list(best.values())
+    """The groups at the largest shots setting of the grid ('full' where run): the in-domain
+    comparison. Methods run only with fewer shots (PET) appear in the few-shot comparison."""
+    if not groups:
+        return []
+    top = max(_shots_key(g["shots"]) for g in groups)
+    return [g for g in groups if _shots_key(g["shots"]) == top]
 
 
 # --- the summary ---------------------------------------------------------------------------------
@@ -180,8 +180,7 @@ def which_to_use(groups: list[dict]) -> list[str]:
     top = [g for g in largest(groups) if g["dev"] is not None]
     if not top:
         return []
-    shots = {str(g["shots"]) for g in top}
-    at = f"shots={top[0]['shots']}" if len(shots) == 1 else "each method's largest shots"
+    at = f"shots={top[0]['shots']}"
     best = max(top, key=lambda g: g["dev"][0])
     margin = max(NEAR, best["dev"][1])
     good = [g for g in top if best["dev"][0] - g["dev"][0] <= margin]
@@ -210,7 +209,7 @@ def which_to_use(groups: list[dict]) -> list[str]:
                            ("train_seconds", "trains fastest", _secs),
                            ("added_memory_mb", "needs the least training memory", lambda m: f"{m:.0f} MB added")):
         cands = [g for g in good if g.get(key) is not None]
-        if len(cands) > 1:
+        if len(cands) > 1 and min(g[key] for g in cands) < max(g[key] for g in cands):
             c = min(cands, key=lambda g: g[key])
             others = max(cands, key=lambda g: g[key])
             lines.append(f"Of the methods as good as the best in domain, <b>{_n(c)}</b> {what}: "
@@ -232,28 +231,30 @@ def _plain_log_ticks(axis) -> None:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def figures(task: str, groups: list[dict]) -> list[tuple[str, str]]:
     """-> [(title, base64 PNG)] for one task."""
+    # Figure objects, not pyplot: no GUI backend is touched and nothing global is left open.
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.figure import Figure
+
+    def subplots(*grid, figsize):
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*grid)
     metric = groups[0]["metric"]
     top = [g for g in largest(groups) if g["dev"] is not None]
     methods = sorted({g["method"] for g in groups})
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    colors = {m: matplotlib.colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
     out = []
 
     pos = [g for g in top if g.get("trainable_percent")]
     if pos:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
+        fig, ax = subplots(figsize=(6.4, 4))
         for g in pos:
             ax.errorbar(g["trainable_percent"], g["dev"][0], yerr=g["dev"][1], fmt="o", color=colors[g["method"]],
                         capsize=3)
@@ -267,7 +268,7 @@ def figures(task: str, groups: list[dict]) -> list[tuple[str, str]]:
         out.append((f"{metric} vs trainable parameters", _png(fig)))
 
     if len({str(g["shots"]) for g in groups}) > 1:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
+        fig, ax = subplots(figsize=(6.4, 4))
         for m in methods:
             gs = sorted((g for g in groups if g["method"] == m and g["dev"] and g["n_train"]),
                         key=lambda g: g["n_train"])
@@ -286,7 +287,7 @@ def figures(task: str, groups: list[dict]) -> list[tuple[str, str]]:
 
     splits = sorted({s for g in top for s in g["splits"]})
     if splits:
-        fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(top)), 4))
+        fig, ax = subplots(figsize=(max(6.4, 1.2 * len(top)), 4))
         names = ["dev (in domain)"] + splits
         width = 0.8 / len(names)
         for j, name in enumerate(names):
@@ -301,7 +302,7 @@ def figures(task: str, groups: list[dict]) -> list[tuple[str, str]]:
 
     cost = [g for g in top if g.get("train_seconds") is not None]
     if cost:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, max(2.5, 0.4 * len(cost) + 1)))
+        fig, (a1, a2) = subplots(1, 2, figsize=(9, max(2.5, 0.4 * len(cost) + 1)))
         names = [g["method"] for g in cost]
         a1.barh(names, [g["train_seconds"] for g in cost], color=[colors[n] for n in names])
         a1.set(xlabel="train time (s)", title="time")
@@ -315,7 +316,7 @@ def figures(task: str, groups: list[dict]) -> list[tuple[str, str]]:
 
     stored = [g for g in top if g.get("bytes_on_disk")]
     if stored:
-        fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.4 * len(stored) + 1)))
+        fig, ax = subplots(figsize=(6.4, max(2.5, 0.4 * len(stored) + 1)))
         names = [g["method"] for g in stored]
         ax.barh(names, [g["bytes_on_disk"] for g in stored], color=[colors[n] for n in names])
         for i, g in enumerate(stored):
