@@ -100,7 +100,7 @@ def test_shards_split_the_grid_without_overlap():
     tasks = {"sst2": get_task("sst2"), "e2e_nlg": get_task("e2e_nlg")}
     cells, notes = make_grid(tasks, ["probe", "lora", "pet"], [16, None], [0, 1, 2])
     # pet: only k-shot classification -> sst2 at 16 shots; 2 tasks x 2 shots x 3 seeds x 2 + 3
-    assert len(cells) == 2 * 2 * 3 * 2 + 3 and len(notes) == 3
+    assert len(cells) == 2 * 2 * 3 * 2 + 3 == len(set(cells)) and len(notes) == 3
     assert cells[:3] == [Cell("sst2", m, 16, 0) for m in ("probe", "lora", "pet")]  # every method first
     parts = [cells[i::3] for i in range(3)]
     assert sum(map(len, parts)) == len(cells) and set().union(*map(set, parts)) == set(cells)
@@ -143,3 +143,22 @@ def test_extra_metrics_are_reported_next_to_the_main_one():
     adapted = attach(make_model("llama", len(tok)), "lora", tokenizer=tok)
     m = evaluate_examples(adapted, task, task.load("dev")[:2], adapted.input_encoder(), max_new_tokens=3)
     assert set(m) == {"bleu", "rouge_l"}
+
+
+def test_run_grid_runs_its_shard_and_retries_failed_cells(tmp_path):
+    from lmadapt.compare import run_grid
+    cells = [Cell("t", m, 4, s) for s in (0, 1) for m in ("a", "b", "c")]
+    calls = []
+
+    def run(cell, folder):
+        calls.append(cell)
+        if cell.method == "b" and calls.count(cell) == 1:
+            raise RuntimeError("flaky")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").write_text(json.dumps({"metrics": {"dev": {"accuracy": 50.0}}}))
+    first = run_grid(cells, tmp_path, run, shard=(1, 2), log=lambda s: None)
+    assert first["cells"] == cells[1::2] == calls                  # its share, nothing else
+    assert first["failed"] == [Cell("t", "b", 4, 1)] and (tmp_path / "t/b/shots-4/seed-1/error.json").exists()
+    again = run_grid(cells, tmp_path, run, shard=(1, 2), log=lambda s: None)
+    assert again["ran"] == [Cell("t", "b", 4, 1)] and not again["failed"]   # only the failed one, retried
+    assert not (tmp_path / "t/b/shots-4/seed-1/error.json").exists()
