@@ -158,7 +158,7 @@ def test_run_grid_runs_its_shard_and_retries_failed_cells(tmp_path):
         (folder / "result.json").write_text(json.dumps({"metrics": {"dev": {"accuracy": 50.0}}}))
     first = run_grid(cells, tmp_path, run, shard=(1, 2), log=lambda s: None)
     assert first["cells"] == cells[1::2] == calls                  # its share, nothing else
-    assert first["failed"] == [Cell("t", "b", 4, 1)] and (tmp_path / "t/b/shots-4/seed-1/error.json").exists()
+    assert first["failed"] == [Cell("t", "b", 4, 0)] and (tmp_path / "t/b/shots-4/seed-0/error.json").exists()
     again = run_grid(cells, tmp_path, run, shard=(1, 2), log=lambda s: None)
-    assert again["ran"] == [Cell("t", "b", 4, 1)] and not again["failed"]   # only the failed one, retried
-    assert not (tmp_path / "t/b/shots-4/seed-1/error.json").exists()
+    assert again["ran"] == [Cell("t", "b", 4, 0)] and not again["failed"]   # only the failed one, retried
+    assert not (tmp_path / "t/b/shots-4/seed-0/error.json").exists()
