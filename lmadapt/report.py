@@ -192,8 +192,9 @@ def which_to_use(groups: list[dict]) -> list[str]:
     if with_ood:
         b = max(with_ood, key=lambda g: g["ood_mean"][0])
         gap = b["dev"][0] - b["ood_mean"][0]
+        where = f"{gap:.1f} points below" if gap >= 0 else f"{-gap:.1f} points above"
         lines.append(f"<b>Out of domain</b> (mean over {', '.join(sorted(b['splits']))}): <b>{_n(b)}</b> "
-                     f"transfers best, {metric} {_ms(b['ood_mean'])} ({gap:+.1f} points below its in-domain score)"
+                     f"transfers best, {metric} {_ms(b['ood_mean'])} ({where} its in-domain score)"
                      + ("." if b is best else f"; the in-domain winner {_n(best)} reaches "
                         f"{best['ood_mean'][0]:.1f}." if best['ood_mean'] else "."))
     settings = sorted({str(g["shots"]) for g in groups}, key=_shots_key)
@@ -201,10 +202,10 @@ def which_to_use(groups: list[dict]) -> list[str]:
         low = [g for g in groups if str(g["shots"]) == settings[0] and g["dev"] is not None]
         if low:
             b = max(low, key=lambda g: g["dev"][0])
+            rest = ", ".join(f"{_n(g)} {g['dev'][0]:.1f}" for g in sorted(low, key=lambda g: -g["dev"][0])
+                             if g is not b)
             lines.append(f"<b>Fewest examples</b> (shots={settings[0]}, {b['n_train']:.0f} training examples): "
-                         f"<b>{_n(b)}</b>, {metric} {_ms(b['dev'])}; "
-                         + ", ".join(f"{_n(g)} {g['dev'][0]:.1f}" for g in sorted(
-                             low, key=lambda g: -g["dev"][0]) if g is not b) + ".")
+                         f"<b>{_n(b)}</b>, {metric} {_ms(b['dev'])}" + (f"; {rest}." if rest else "."))
     for key, what, fmt in (("bytes_on_disk", "stores a task in the fewest bytes", fmt_bytes),
                            ("train_seconds", "trains fastest", _secs),
                            ("added_memory_mb", "needs the least training memory", lambda m: f"{m:.0f} MB added")):

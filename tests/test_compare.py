@@ -73,7 +73,7 @@ def test_a_failed_cell_is_recorded_and_the_grid_goes_on(tiny_dir, files, tmp_pat
     assert lora["method_args"]["r"] == 2                 # --method-args lora:... reached the lora cell
     page = (out / "report.html").read_text()
     assert 'id="failed"' in page and "cannot sample 100 per class" in page
-    assert "2 failed:" in text and "report.html" in text
+    assert "2 failed (error.json" in text and "report.html" in text
     # Other options than the grid was run with are refused (they would mix in one table).
     with pytest.raises(ValueError, match=r"other options: max_steps \(2 -> 3\)"):
         check_options(out, json.loads((out / "compare.json").read_text())["options"] | {"max_steps": 3})

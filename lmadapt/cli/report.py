@@ -26,7 +26,9 @@ def print_report(runs, out=None, title=None) -> dict:
             for line in lines:
                 print("  - " + line.replace("<b>", "").replace("</b>", ""))
     if res["failures"]:
-        print(f"\n{len(res['failures'])} failed: " + "; ".join(f"{f['run']}: {f['error']}" for f in res["failures"]))
+        print(f"\n{len(res['failures'])} failed (error.json + traceback.txt in each folder):")
+        for f in res["failures"]:
+            print(f"  {f['run']}: {f['error'].splitlines()[0] if f['error'] else '?'}")
     print(f"\nwrote {res['csv']} and {res['html']} (one self-contained file: open it in a browser)")
     return res
 
