@@ -33,11 +33,12 @@ def _done(out) -> dict:
     return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("result.json")}
 
 
-def test_grid_resumes_after_a_kill(tiny_dir, files, tmp_path):
+def test_grid_resumes_after_a_kill(tiny_dir, files, tmp_path, capsys):
+    from lmadapt.cli import main
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "lmadapt", *_args(tiny_dir, files, out, "--methods", "probe,lora", "--shots", "4",
-                                                  "--seeds", "2", "--no-report")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    args = _args(tiny_dir, files, out, "--methods", "probe,lora", "--shots", "4", "--seeds", "2", "--no-report")
+    proc = subprocess.Popen([sys.executable, "-m", "lmadapt", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=subprocess_env())
     deadline = time.time() + 120
     while not _done(out) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -45,13 +46,13 @@ def test_grid_resumes_after_a_kill(tiny_dir, files, tmp_path):
     proc.wait()
     before = _done(out)
     assert 1 <= len(before) < 4, f"the kill should land mid-grid, found {len(before)} finished cells"
-    again = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert again.returncode == 0, again.stdout + again.stderr
+    assert main(args) == 0                               # the same command again, here in-process
+    text = capsys.readouterr().out
     after = _done(out)
     assert len(after) == 4
     assert all(after[k] == v for k, v in before.items())  # finished cells were not run again
-    assert again.stdout.count("finished before, skipped") == len(before)
-    assert f"grid: 4 cells, {len(before)} already finished, {4 - len(before)} to run" in again.stdout
+    assert text.count("finished before, skipped") == len(before)
+    assert f"grid: 4 cells, {len(before)} already finished, {4 - len(before)} to run" in text
     r = json.loads((out / "custom/lora/shots-4/seed-1/result.json").read_text())
     assert (r["method"], r["shots"], r["seed"], r["steps"]) == ("lora", 4, 1, 2)  # train's --max-steps reached it
 
