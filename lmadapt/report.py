@@ -135,7 +135,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
                          k.startswith("dev.")})
         g = {"task": task, "method": method, "shots": rs[0]["shots"], "metric": metric, "seeds": len(rs),
              "dev": spread(r["dev"] for r in rs), "ood_mean": spread(r["ood_mean"] for r in rs),
-             "splits": {s: spread(r.get(f"{s}.{metric}") for r in rs) for s in splits}}
+             "splits": {s: spread(r.get(f"{s}.{metric}") for r in rs) for s in splits},
+             # the dev metrics besides the main one (E2E's ROUGE-L next to BLEU, SQuAD's EM next to F1)
+             "dev_extra": {k[4:]: spread(r.get(k) for r in rs) for k in sorted({k for r in rs for k in r})
+                           if k.startswith("dev.") and k not in (f"dev.{metric}", "dev.n")}}
         for k in ("n_train", "trainable_percent", "trainable_params", "bytes_on_disk", "train_seconds",
                   "peak_memory_mb", "added_memory_mb"):
             m = spread(r.get(k) for r in rs)
@@ -347,11 +350,14 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
 def task_table(groups: list[dict]) -> tuple[list[str], list[list]]:
     metric = groups[0]["metric"]
     splits = sorted({s for g in groups for s in g["splits"]})
-    header = ["method", "shots", "seeds", f"dev {metric}"] + [f"{s} {metric}" for s in splits] + (
+    extra = sorted({k for g in groups for k in g.get("dev_extra", {})})
+    header = ["method", "shots", "seeds", f"dev {metric}"] + [f"dev {k}" for k in extra] + [
+        f"{s} {metric}" for s in splits] + (
         ["OOD mean"] if splits else []) + ["trainable %", "stored", "train s", "peak MB"]
     rows = []
     for g in groups:
-        rows.append([g["method"], g["shots"], g["seeds"], _ms(g["dev"])] + [_ms(g["splits"].get(s)) for s in splits]
+        rows.append([g["method"], g["shots"], g["seeds"], _ms(g["dev"])]
+                    + [_ms(g.get("dev_extra", {}).get(k)) for k in extra] + [_ms(g["splits"].get(s)) for s in splits]
                     + ([_ms(g["ood_mean"])] if splits else [])
                     + ["-" if g["trainable_percent"] is None else f"{g['trainable_percent']:.4g}",
                        fmt_bytes(g["bytes_on_disk"]),

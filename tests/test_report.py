@@ -160,3 +160,18 @@ def test_report_renders_in_headless_chromium(built, chromium, tmp_path):
     colour = int((px.max(-1) - px.min(-1) > 80).sum())               # plot colours; text and tables are grey
     assert ink > 0.02, f"the screenshot is (nearly) blank: {ink:.4f} of it is not white"
     assert colour > 5000, f"no plots visible in the screenshot ({colour} coloured pixels)"
+
+
+def test_generation_runs_show_every_dev_metric(tmp_path):
+    # E2E: BLEU decides, ROUGE-L is reported next to it.
+    for seed, (bleu, rouge) in enumerate(((60.0, 66.0), (62.0, 68.0))):
+        d = tmp_path / "e2e_nlg" / "prefix" / "shots-50" / f"seed-{seed}"
+        d.mkdir(parents=True)
+        r = _result("prefix", 50, seed, 0.0) | {"task": "e2e_nlg", "metrics": {"dev": {
+            "bleu": bleu, "rouge_l": rouge, "n": 200, "n_available": 547}}}
+        (d / "result.json").write_text(json.dumps(r))
+    rows, _ = collect(tmp_path)
+    assert {r["metric"] for r in rows} == {"bleu"} and rows[0]["dev.rouge_l"] == 66.0
+    from lmadapt.report import task_table
+    header, trs = task_table(aggregate(rows))
+    assert header[3:5] == ["dev bleu", "dev rouge_l"] and trs[0][3:5] == ["61.0 ± 1.4", "67.0 ± 1.4"]
