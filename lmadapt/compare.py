@@ -95,15 +95,14 @@ def make_grid(tasks: dict, methods: list[str], shots: list[int | None], seeds: l
     cells, notes = [], []
     for name, task in tasks.items():
         for k in shots:
+            runs = []
             for method in methods:
                 if method in FEW_SHOT_ONLY and (k is None or not is_classification(task)):
                     why = "a classification task" if not is_classification(task) else "k shots, not 'full'"
                     notes.append(f"{method} at shots={k or 'full'} on {name}: left out ({method} needs {why})")
-            for seed in seeds:
-                for method in methods:
-                    if method in FEW_SHOT_ONLY and (k is None or not is_classification(task)):
-                        continue
-                    cells += [Cell(name, method, k, seed, tuple(e)) for e in extra]
+                else:
+                    runs.append(method)
+            cells += [Cell(name, m, k, seed, tuple(e)) for seed in seeds for m in runs for e in extra]
     return cells, notes
 
 

@@ -117,7 +117,8 @@ def test_shards_split_the_grid_without_overlap():
 def test_a_cell_as_a_command(tmp_path):
     cell = Cell("sst2", "lora", 16, 2, (("lr", 0.002),))
     folder = tmp_path / cell.path
-    cmd = train_command(cell, folder, ["accelerate", "launch"], ["--max-steps", "5"], {"lora": {"r": 8, "targets": ("q", "v")}})
+    margs = {"lora": {"r": 8, "targets": ("q", "v")}}
+    cmd = train_command(cell, folder, ["accelerate", "launch"], ["--max-steps", "5"], margs)
     assert cmd == ["accelerate", "launch", "-m", "lmadapt", "train", "--task", "sst2", "--method", "lora",
                    "--shots", "16", "--seed", "2", "--out", str(folder), "--method-args", "r=8,targets=q+v",
                    "--lr", "0.002", "--max-steps", "5"]
