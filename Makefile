@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench lock clean
+.PHONY: install demo demo-probes test bench lock clean
 
 install: $(STAMP)
 
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q $(PIN) -e '.[dev]'
 	touch $(STAMP)
 
+# A small `lmadapt compare` (SST-2: probe, LoRA, prompt, prefix; 16/64 shots; IMDB out of domain):
+# prints the table, writes runs/demo/report.html. Rerun to resume. ~10 min on 2 quiet cores.
 demo: install
 	$(BIN)/python -m lmadapt.demo
+
+# The former demo: four probes of SmolLM2 from one backbone pass (~5 min).
+demo-probes: install
+	$(BIN)/python -m lmadapt.demo --probes
 
 test: install
 	$(BIN)/python -m pytest -q tests

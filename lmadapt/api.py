@@ -131,7 +131,9 @@ def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, sho
     opts = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                 precision=cfg.precision, progress=cfg.progress and is_main_process())
     for name in (ood if ood is not None else list(getattr(t, "ood", ()))):
-        metrics[name] = evaluate(adapted, name, split="dev", data_root=data_root, limit=cfg.max_ood, **opts)
+        # An eval-only set with no dev split (webnlg_seen / webnlg_unseen) is scored on its test split.
+        split = "dev" if "dev" in _task(name).splits else "test"
+        metrics[name] = evaluate(adapted, name, split=split, data_root=data_root, limit=cfg.max_ood, **opts)
     result = build_result(adapted, t, metrics, summary, shots=shots, seed=seed,
                           n_train=len(train_examples), out=out)
     if out and is_main_process():

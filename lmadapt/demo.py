@@ -1,8 +1,15 @@
-"""`make demo`: probe the embedded default model (SmolLM2-135M) on SST-2.
+"""`make demo`: a small `lmadapt compare` on the embedded default model (SmolLM2-135M).
 
-Four probes — last-token and mean pooling, on a middle and on the last layer — trained on 1,000
-SST-2 sentences, evaluated on SST-2 dev (in domain) and on IMDB reviews (out of domain). The
-backbone is frozen, so one forward pass per example serves all four probes. ~5 minutes on 2 CPU cores.
+SST-2 with four methods: a linear probe, LoRA, prompt tuning and prefix tuning (the last three
+through the verbalizer head: the task read as "... It was {great|terrible}" by the pretrained LM
+head), 16 and 64 sentences per class, one seed, each method's default learning rate, 20 steps of
+8, evaluated once at the end on 200 SST-2 dev sentences (in domain) and 100 IMDB reviews (out of
+domain), inputs up to 64 tokens. Prints the table and the "which to use" summary, and writes
+runs/demo/report.html (self-contained: open it in a browser) and results.csv. About 10 minutes
+on 2 quiet CPU cores. Rerunning resumes: finished cells are skipped.
+
+`python -m lmadapt.demo --probes` (`make demo-probes`): the former demo, four probes (two layers x
+two poolings) from one backbone pass over 1,000 SST-2 sentences, ~5 minutes.
 """
 from __future__ import annotations
 
@@ -18,14 +25,37 @@ from lmadapt.methods.probe import extract_features
 from lmadapt.tasks import get_task
 
 
+# The grid: every cell is `lmadapt train` with these options (see `lmadapt compare --help`).
+DEMO_GRID = ["--task", "sst2", "--methods", "probe,lora,prompt,prefix", "--shots", "16,64", "--seeds", "1",
+             "--max-steps", "20", "--batch-size", "8", "--eval-every", "20", "--max-eval", "200",
+             "--ood", "imdb", "--max-ood", "100", "--max-length", "64"]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n-train", type=int, default=1000)
-    ap.add_argument("--n-ood", type=int, default=300, help="IMDB reviews evaluated (long: ~0.3 s each)")
+    ap.add_argument("--out", default="runs/demo", help="the grid's folder (runs/demo)")
+    ap.add_argument("--probes", action="store_true", help="the former demo: four probes of one backbone pass")
+    ap.add_argument("--n-train", type=int, default=1000, help="--probes: training sentences")
+    ap.add_argument("--n-ood", type=int, default=300, help="--probes: IMDB reviews evaluated (long: ~0.3 s each)")
     ap.add_argument("--data-root")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.probes:
+        return probes(a)
+    from lmadapt.cli import main as cli
+    argv = ["compare", *DEMO_GRID, "--model", a.model, "--out", a.out] + (
+        ["--data-root", a.data_root] if a.data_root else [])
+    print("lmadapt " + " ".join(argv) + "\n")
+    t0 = time.perf_counter()
+    rc = cli(argv)
+    print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; the report: {a.out}/report.html "
+          "(open it in a browser; it needs no network). More methods, shots, seeds: `lmadapt compare --help`.")
+    return rc
+
+
+def probes(a) -> int:
+    """Four probes of SmolLM2 on SST-2 from one backbone pass (the demo before `lmadapt compare`)."""
     torch.manual_seed(a.seed)
 
     t0 = time.perf_counter()

@@ -106,4 +106,8 @@ def evaluate_examples(adapted, task, examples, enc: Encoder, batch_size: int = 3
                       **kw) -> dict:
     """Metrics of predict_examples (same keyword options: precision, progress, num_beams)."""
     preds = predict_examples(adapted, task, examples, enc, batch_size, max_new_tokens, **kw)
-    return compute(task.metric, preds, references_of(task, examples))
+    refs = references_of(task, examples)
+    out = compute(task.metric, preds, refs)
+    for extra in getattr(task, "extra_metrics", ()):
+        out |= compute(extra, preds, refs)
+    return out

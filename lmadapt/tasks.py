@@ -50,6 +50,8 @@ class Task:
     (num_beams=1: greedy; see lmadapt.beam for the other two).
     `pvps`: pattern-verbalizer pairs (template, verbalizer) for prompt-based classification
     (lmadapt.prompting); the first is the verbalizer head's default, all of them PET's ensemble.
+    `extra_metrics`: more metrics reported next to `metric` (E2E: ROUGE-L next to BLEU); the best
+    checkpoint is still chosen by `metric`.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Task:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     pvps: tuple[tuple[str, str], ...] = ()
+    extra_metrics: tuple[str, ...] = ()
 
     def __post_init__(self):
         def fail(problem):
@@ -74,6 +77,9 @@ class Task:
             fail(f"unknown kind '{self.kind}'; choose one of: {', '.join(KINDS)}")
         if self.metric not in METRICS:
             fail(f"unknown metric '{self.metric}'; choose one of: {', '.join(METRICS)}")
+        for extra in self.extra_metrics:
+            if extra not in METRICS:
+                fail(f"unknown extra metric '{extra}'; choose from: {', '.join(METRICS)}")
         if self.kind in CLASSIFICATION_KINDS and len(self.label_names) < 2:
             fail(f"kind '{self.kind}' needs at least 2 label_names, got {list(self.label_names)}")
         if self.kind not in CLASSIFICATION_KINDS and self.label_names:
@@ -97,6 +103,7 @@ class Task:
         # Tuples and a read-only view of splits: Task is frozen, and all of these define it.
         object.__setattr__(self, "label_names", tuple(self.label_names))
         object.__setattr__(self, "ood", tuple(self.ood))
+        object.__setattr__(self, "extra_metrics", tuple(self.extra_metrics))
         object.__setattr__(self, "splits", MappingProxyType(dict(self.splits)))
 
     def load(self, split: str, data_root: str | Path | None = None) -> list[Example]:
@@ -194,6 +201,12 @@ def _webnlg(root: Path, rel: str, one_per_reference: bool) -> list[Example]:
         groups = [[t] for t in lex] if one_per_reference else [lex]
         out.extend(Example(text=text, target=g[0], references=g, meta=dict(meta)) for g in groups)
     return out
+
+
+def _webnlg_test(root: Path, seen: bool) -> list[Example]:
+    """WebNLG 2017 test, only the categories seen (or unseen) in train: the extrapolation split."""
+    return [e for e in _webnlg(root, "webnlg2017/test.jsonl", False)
+            if bool(e.meta["category_seen_in_train"]) == seen]
 
 
 SQUAD_TRAIN_ARTICLES = 40  # of the 48 in dev-v1.1.json; the last 8 articles are our dev split
@@ -380,7 +393,8 @@ for _name, _other in (("mnli", "snli"), ("snli", "mnli")):
                 for s, f in (("train", "train"), ("dev", "heldout"))},
         ood=(_other,), pvps=NLI_PVPS))
 register_task(Task(
-    name="e2e_nlg", kind="generation", metric="bleu", prompt="Table: {text}\nText:",
+    name="e2e_nlg", kind="generation", metric="bleu", extra_metrics=("rouge_l",),
+    prompt="Table: {text}\nText:",
     num_beams=5,  # Li & Liang (2021) decode E2E and WebNLG with beam search, beam size 5
     description="E2E NLG restaurant meaning representations to text. train: one example per "
                 "reference; dev/test: one per MR with all references.",
@@ -392,7 +406,16 @@ register_task(Task(
     description="WebNLG 2017 DBpedia triples to text. train: one example per reference; test "
                 "has 5 categories unseen in train (meta['category_seen_in_train']).",
     splits={s: P(_webnlg, rel=f"webnlg2017/{s}.jsonl", one_per_reference=s == "train")
-            for s in ("train", "dev", "test")}))
+            for s in ("train", "dev", "test")},
+    extra_metrics=("rouge_l",), ood=("webnlg_seen", "webnlg_unseen")))
+for _seen in (True, False):
+    register_task(Task(
+        name=f"webnlg_{'seen' if _seen else 'unseen'}", kind="generation", metric="bleu",
+        extra_metrics=("rouge_l",), prompt="Triples: {text}\nText:", num_beams=5,
+        description=f"eval only: the WebNLG 2017 test MRs whose category is {'' if _seen else 'NOT '}"
+                    f"in train ({'10' if _seen else '5'} categories), all references; `webnlg`'s "
+                    "out-of-domain sets (seen vs unseen, Li & Liang's extrapolation).",
+        splits={"test": P(_webnlg_test, seen=_seen)}))
 register_task(Task(
     name="squad", kind="generation", metric="squad",
     prompt="Context: {text_pair}\nQuestion: {text}\nAnswer:",

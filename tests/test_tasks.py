@@ -48,7 +48,8 @@ def test_every_split_loads_well_formed_examples(name, split):
 def test_every_dataset_folder_has_a_task():
     expected = {"sst2", "imdb", "rte", "mnli", "snli", "e2e_nlg", "webnlg", "squad", "xsum",
                 "scitldr", "hh_rlhf", "ultrafeedback", "alpaca", "gsm8k"} | {
-        f"amazon_{d}" for d in ("books", "dvd", "electronics", "kitchen", "airline")}
+        f"amazon_{d}" for d in ("books", "dvd", "electronics", "kitchen", "airline")} | {
+        "webnlg_seen", "webnlg_unseen"}  # eval-only views of webnlg's test split
     assert set(TASKS) == expected
 
 
@@ -128,6 +129,13 @@ def test_webnlg_splits_and_unseen_categories():
     train = load("webnlg", "train")
     assert all(len(e.references) == 1 for e in train) and len(train) > 6940
     assert "_" not in test[0].text and " | " in test[0].text
+    # The extrapolation setting: webnlg's out-of-domain sets are test's seen / unseen categories.
+    assert TASKS["webnlg"].ood == ("webnlg_seen", "webnlg_unseen")
+    seen_set, unseen_set = load("webnlg_seen", "test"), load("webnlg_unseen", "test")
+    assert (len(seen_set), len(unseen_set)) == (971, 891)
+    assert all(e.meta["category_seen_in_train"] for e in seen_set)
+    assert not any(e.meta["category_seen_in_train"] for e in unseen_set)
+    assert TASKS["e2e_nlg"].extra_metrics == ("rouge_l",) == TASKS["webnlg"].extra_metrics
 
 
 def test_squad_split_by_article():

@@ -1,4 +1,7 @@
-"""lmadapt train: one method on one task; OUT/result.json and OUT/best/."""
+"""lmadapt train: one method on one task; OUT/result.json and OUT/best/.
+
+Its options (model, data, head, optimization, out-of-domain sets, precision) are registered by
+`train_options`, which `lmadapt compare` reuses so every cell of a grid takes the same ones."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,10 +10,25 @@ from pathlib import Path
 from .common import DEFAULT_MODEL, parse_method_args, task_from_args, head_args, data_args, prompt_args, common_args, summary_table
 
 
+def train_config(a) -> dict:
+    """The TrainConfig keywords the options give (unset ones left to the method's defaults)."""
+    from ..data import parse_cap
+    from ..trainer import TrainConfig
+    cfg_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = {k: v for k, v in vars(a).items() if k in cfg_fields and v is not None and k not in ("seed", "max_ood")}
+    cfg["progress"] = not a.no_progress
+    cfg["max_ood"] = parse_cap(a.max_ood, "--max-ood")
+    return cfg
+
+
+def ood_tasks(a) -> list[str] | None:
+    """--ood as a list; None: the task's own out-of-domain sets."""
+    return None if a.ood is None else [t for t in a.ood.split(",") if t]
+
+
 def cmd_train(a) -> int:
     import lmadapt
-    from ..data import parse_cap, parse_shots
-    from ..trainer import TrainConfig
+    from ..data import parse_shots
     task = task_from_args(a)
     shots = parse_shots(a.shots)
     for split in ("train", "dev"):  # bad data fails here, before minutes of model loading
@@ -23,13 +41,8 @@ def cmd_train(a) -> int:
     model, tok = lmadapt.load(a.model)
     adapted = lmadapt.attach(model, a.method, task=task, tokenizer=tok, pooling=a.pooling, layer=a.layer,
                              init_seed=a.seed, **head_args(a), **method_args)
-    cfg_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = {k: v for k, v in vars(a).items() if k in cfg_fields and v is not None and k not in ("seed", "max_ood")}
-    cfg["progress"] = not a.no_progress
-    cfg["max_ood"] = parse_cap(a.max_ood, "--max-ood")
-    ood = None if a.ood is None else [t for t in a.ood.split(",") if t]
     result = lmadapt.train(adapted, task, shots=shots, seed=a.seed, data_root=a.data_root, out=a.out,
-                           resume=a.resume, max_train=a.max_train, ood=ood, **cfg)
+                           resume=a.resume, max_train=a.max_train, ood=ood_tasks(a), **train_config(a))
     from ..api import is_main_process
     if not is_main_process():
         return 0
@@ -38,19 +51,12 @@ def cmd_train(a) -> int:
     return 0
 
 
-def register(sub) -> None:
-    t = sub.add_parser("train", help="train a method on a task; writes OUT/result.json and OUT/best/",
-                       description="Train a method on a task, keep the best dev checkpoint, evaluate on dev and "
-                                   "out-of-domain sets. Example: lmadapt train --task sst2 --method probe --out runs/x")
+def train_options(t) -> None:
+    """Every option of `lmadapt train` except the ones a grid sets per run (--method,
+    --method-args, --shots, --seed, --out, --resume)."""
     t.add_argument("--model", default=DEFAULT_MODEL, help=f"packaged name or local HF dir (default {DEFAULT_MODEL})")
     data_args(t)
-    t.add_argument("--method", default="probe", help="see `lmadapt methods` (default probe)")
-    t.add_argument("--method-args", help="k=v,... e.g. r=8,alpha=16,targets=q_proj+v_proj")
-    t.add_argument("--shots", default="full", help="examples per class (k-shot, class-balanced) or 'full'")
     t.add_argument("--max-train", type=int, help="random subset of the training set of this size")
-    t.add_argument("--seed", type=int, default=0, help="seeds the data order, k-shot sample and initial weights (0)")
-    t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a crash")
     t.add_argument("--pooling", choices=["cls", "mean", "last"], help="classification pooling (default last/mean)")
     t.add_argument("--layer", type=int, default=-1, help="hidden layer fed to the head (default -1: last)")
     prompt_args(t)
@@ -73,4 +79,17 @@ def register(sub) -> None:
     t.add_argument("--max-ood", default="500", help="examples per out-of-domain set, a fixed random subset, "
                                                     "or 'all' (default 500)")
     common_args(t)
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="train a method on a task; writes OUT/result.json and OUT/best/",
+                       description="Train a method on a task, keep the best dev checkpoint, evaluate on dev and "
+                                   "out-of-domain sets. Example: lmadapt train --task sst2 --method probe --out runs/x")
+    train_options(t)
+    t.add_argument("--method", default="probe", help="see `lmadapt methods` (default probe)")
+    t.add_argument("--method-args", help="k=v,... e.g. r=8,alpha=16,targets=q_proj+v_proj")
+    t.add_argument("--shots", default="full", help="examples per class (k-shot, class-balanced) or 'full'")
+    t.add_argument("--seed", type=int, default=0, help="seeds the data order, k-shot sample and initial weights (0)")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a crash")
     t.set_defaults(func=cmd_train)

@@ -1,0 +1,118 @@
+"""Learning-rate sweep per method at the CLI's default budget (issue 12, part 1: defaults that learn).
+
+Every (method, lr) pair is one cell of a compare grid (lmadapt.compare: resumable, so a killed
+sweep rerun with the same command skips what finished; a failed cell is recorded and the sweep
+goes on). Each cell is what `lmadapt train --task T --method M --max-train N --lr LR` does with
+every other option at its default: batch 8, the method's default epochs, 6% warmup, evaluation
+once per epoch with the best dev checkpoint kept, the head `attach` picks (the verbalizer head
+for a causal LM on a task with patterns, the linear head for the probe). The N training examples
+are the same seeded subset for every cell. Prints dev metric per method x lr, the winner per
+method, its margin over the majority class (classification), and writes OUT/sweep.json.
+
+The lrs: `--factors` times each method's default lr (`lmadapt methods`), or `--lrs METHOD:a,b,c`.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/lr_sweep.py --task sst2 --max-train 1000 --out runs/lr_sst2
+    OMP_NUM_THREADS=2 .venv/bin/python bench/lr_sweep.py --task e2e_nlg --max-train 1000 --max-eval 200 \\
+        --methods full,prompt,prefix,lora,adapter,bitfit --out runs/lr_e2e
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lmadapt
+from lmadapt.atomic import write_json
+from lmadapt.compare import Cell, base_loader, run_grid, train_cell
+from lmadapt.methods import METHODS
+from lmadapt.tasks import get_task
+
+SKIP = ("none",)  # nothing trains
+
+
+def lrs_of(a) -> dict[str, list[float]]:
+    methods = [m for m in a.methods.split(",") if m] if a.methods else [m for m in METHODS if m not in SKIP]
+    given = {}
+    for spec in a.lrs or []:
+        name, _, values = spec.partition(":")
+        given[name] = [float(v) for v in values.split(",") if v]
+    factors = [float(f) for f in a.factors.split(",")]
+    out = {}
+    for m in methods:
+        lmadapt.get_method(m)  # unknown names fail here
+        out[m] = given.get(m) or sorted({float(f"{METHODS[m].default_lr * f:.2g}") for f in factors})
+    return out
+
+
+def majority(task, data_root, max_eval) -> float | None:
+    """The majority class's accuracy on the same dev examples the cells are scored on."""
+    from lmadapt.batching import is_classification
+    from lmadapt.data import subsample
+    if not is_classification(task):
+        return None
+    labels = [e.label for e in subsample(task.load("dev", data_root), max_eval)]
+    return 100.0 * max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--methods", help="comma-separated (default: every method but none)")
+    ap.add_argument("--factors", default="0.1,0.3,1,3,10", help="lrs = each method's default x these")
+    ap.add_argument("--lrs", action="append", help="METHOD:lr,lr,... instead of the factors for that method")
+    ap.add_argument("--max-train", type=int, default=1000, help="training examples, a seeded subset (1000)")
+    ap.add_argument("--max-eval", type=int, help="dev examples, a fixed subset (default all)")
+    ap.add_argument("--max-steps", type=int, help="override the default budget (smoke tests only)")
+    ap.add_argument("--head", help="override the default head (linear, verbalizer)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-root")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--progress", action="store_true", help="per-run progress bars")
+    a = ap.parse_args(argv)
+    task = get_task(a.task)
+    lrs = lrs_of(a)
+    cells = [Cell(task.name, m, None, a.seed, (("lr", lr),)) for m, values in lrs.items() for lr in values]
+    train_args = {"progress": a.progress} | ({"max_eval": a.max_eval} if a.max_eval else {}) | (
+        {"max_steps": a.max_steps} if a.max_steps else {})
+    attach_args = {"head": a.head} if a.head else {}
+    load_base = base_loader(a.model)
+    out = Path(a.out)
+
+    def run(cell, folder):
+        train_cell(cell, folder, load_base=load_base, task=task, attach_args=attach_args, train_args=train_args,
+                   ood=[], data_root=a.data_root, max_train=a.max_train)
+    run_grid(cells, out, run)
+
+    base = majority(task, a.data_root, a.max_eval)
+    winners = {}
+    for m, values in lrs.items():
+        scores = {}
+        for lr in values:
+            path = out / Cell(task.name, m, None, a.seed, (("lr", lr),)).path / "result.json"
+            if path.exists():
+                r = json.loads(path.read_text())
+                scores[lr] = r["best_dev"]
+        if scores:
+            best = max(scores, key=scores.get)
+            winners[m] = {"lr": best, "dev": scores[best], "default_lr": METHODS[m].default_lr,
+                          "scores": {str(k): v for k, v in scores.items()}}
+    print(f"\n{task.name}: best dev {task.metric} per method x lr ({a.max_train} training examples, "
+          f"defaults otherwise)" + (f"; majority class {base:.1f}" if base is not None else ""))
+    for m, values in lrs.items():
+        got = winners.get(m, {}).get("scores", {})
+        cells_txt = "  ".join(f"{lr:g}: " + (f"{got[str(lr)]:.1f}" if str(lr) in got else "failed") for lr in values)
+        print(f"  {m:10s} {cells_txt}")
+    print("\nwinner per method (default lr in brackets):")
+    for m, w in winners.items():
+        gain = f", {w['dev'] - base:+.1f} over the majority class" if base is not None else ""
+        flag = "" if base is None or w["dev"] - base >= 20 else "  <- under the issue's 20-point goal"
+        print(f"  {m:10s} lr {w['lr']:g} [{w['default_lr']:g}]: {w['dev']:.1f}{gain}{flag}")
+    write_json(out / "sweep.json", {"task": task.name, "max_train": a.max_train, "majority": base,
+                                     "lrs": lrs, "winners": winners})
+    print(f"\nwrote {out / 'sweep.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""lmadapt compare: the grid resumes after a kill, a failed cell is recorded and the grid goes on,
+shards split the grid, train's options reach every cell; on a tiny random LLaMA folder and a
+small toy task in tsv files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TOY_GEN, _toy_examples, make_model, make_tokenizer, subprocess_env
+from lmadapt.compare import Cell, check_options, make_grid, parse_seeds, parse_shard, train_command
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toyfiles")
+    for split, n, seed in (("train", 40, 0), ("dev", 16, 1)):
+        rows = [f"{e.text}\t{('negative', 'positive')[e.label]}" for e in _toy_examples(n, seed)]
+        (d / f"{split}.tsv").write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    return ["--train", str(d / "train.tsv"), "--dev", str(d / "dev.tsv"), "--text-col", "text", "--label-col", "label"]
+
+
+def _args(tiny_dir, files, out, *more):
+    return ["compare", "--model", str(tiny_dir), *files, "--max-steps", "2", "--no-progress", "--out", str(out), *more]
+
+
+def _done(out) -> dict:
+    return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("result.json")}
+
+
+def test_grid_resumes_after_a_kill(tiny_dir, files, tmp_path, capsys):
+    from lmadapt.cli import main
+    out = tmp_path / "cmp"
+    args = _args(tiny_dir, files, out, "--methods", "probe,lora", "--shots", "4", "--seeds", "2", "--no-report")
+    proc = subprocess.Popen([sys.executable, "-m", "lmadapt", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=subprocess_env())
+    deadline = time.time() + 120
+    while not _done(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)                     # mid-grid: no chance to clean up
+    proc.wait()
+    before = _done(out)
+    assert 1 <= len(before) < 4, f"the kill should land mid-grid, found {len(before)} finished cells"
+    assert main(args) == 0                               # the same command again, here in-process
+    text = capsys.readouterr().out
+    after = _done(out)
+    assert len(after) == 4
+    assert all(after[k] == v for k, v in before.items())  # finished cells were not run again
+    assert text.count("finished before, skipped") == len(before)
+    assert f"grid: 4 cells, {len(before)} already finished, {4 - len(before)} to run" in text
+    r = json.loads((out / "custom/lora/shots-4/seed-1/result.json").read_text())
+    assert (r["method"], r["shots"], r["seed"], r["steps"]) == ("lora", 4, 1, 2)  # train's --max-steps reached it
+
+
+def test_a_failed_cell_is_recorded_and_the_grid_goes_on(tiny_dir, files, tmp_path, capsys):
+    from lmadapt.cli import main
+    out = tmp_path / "cmp"
+    # shots=100 per class cannot be drawn from 40 examples: those cells fail, and come first.
+    rc = main(_args(tiny_dir, files, out, "--methods", "probe,lora", "--shots", "100,4", "--seeds", "1",
+                    "--method-args", "lora:r=2"))
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert text.count("FAILED (DataError: class") == 2 and "the grid goes on" in text
+    err = json.loads((out / "custom/lora/shots-100/seed-0/error.json").read_text())
+    assert "cannot sample 100 per class" in err["error"] and err["cell"]["shots"] == 100
+    assert "Traceback" in (out / "custom/lora/shots-100/seed-0/traceback.txt").read_text()
+    assert sorted(_done(out)) == ["custom/lora/shots-4/seed-0", "custom/probe/shots-4/seed-0"]
+    lora = json.loads((out / "custom/lora/shots-4/seed-0/result.json").read_text())
+    assert lora["method_args"]["r"] == 2                 # --method-args lora:... reached the lora cell
+    page = (out / "report.html").read_text()
+    assert 'id="failed"' in page and "cannot sample 100 per class" in page
+    assert "2 failed (error.json" in text and "report.html" in text
+    # Other options than the grid was run with are refused (they would mix in one table).
+    with pytest.raises(ValueError, match=r"other options: max_steps \(2 -> 3\)"):
+        check_options(out, json.loads((out / "compare.json").read_text())["options"] | {"max_steps": 3})
+    assert main(_args(tiny_dir, files, out, "--methods", "probe", "--shots", "4", "--lr", "0.5")) == 2
+
+
+def test_pet_cell_in_the_grid(tiny_dir, files, tmp_path, capsys):
+    from lmadapt.cli import main
+    out = tmp_path / "cmp"
+    rc = main(_args(tiny_dir, files, out, "--methods", "pet,probe", "--shots", "4,full", "--seeds", "1",
+                    "--template", "{text} it was {mask} .", "--verbalizer", "negative=bad,positive=good",
+                    "--pet-unlabeled", "8", "--no-report"))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "pet at shots=full on custom: left out (pet needs k shots, not 'full')" in text
+    r = json.loads((out / "custom/pet/shots-4/seed-0/result.json").read_text())
+    assert r["method"] == "pet" and r["n_train"] == 8 and r["pet"]["n_unlabeled"] == 8
+    assert len(r["pet"]["members"]) == 1 and r["bytes_on_disk"] > 0 and "accuracy" in r["metrics"]["dev"]
+    assert (out / "custom/probe/shots-full/seed-0/result.json").exists()
+
+
+def test_shards_split_the_grid_without_overlap():
+    from lmadapt.tasks import get_task
+    tasks = {"sst2": get_task("sst2"), "e2e_nlg": get_task("e2e_nlg")}
+    cells, notes = make_grid(tasks, ["probe", "lora", "pet"], [16, None], [0, 1, 2])
+    # pet: only k-shot classification -> sst2 at 16 shots; 2 tasks x 2 shots x 3 seeds x 2 + 3
+    assert len(cells) == 2 * 2 * 3 * 2 + 3 == len(set(cells)) and len(notes) == 3
+    assert cells[:3] == [Cell("sst2", m, 16, 0) for m in ("probe", "lora", "pet")]  # every method first
+    parts = [cells[i::3] for i in range(3)]
+    assert sum(map(len, parts)) == len(cells) and set().union(*map(set, parts)) == set(cells)
+    assert parse_shard("2/3") == (1, 3) and parse_shard(None) is None
+    for bad in ("0/3", "4/3", "1", "a/b"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,7") == [0, 7]
+    with pytest.raises(ValueError, match="--seeds"):
+        parse_seeds("0")
+
+
+def test_a_cell_as_a_command(tmp_path):
+    cell = Cell("sst2", "lora", 16, 2, (("lr", 0.002),))
+    folder = tmp_path / cell.path
+    margs = {"lora": {"r": 8, "targets": ("q", "v")}}
+    cmd = train_command(cell, folder, ["accelerate", "launch"], ["--max-steps", "5"], margs)
+    assert cmd == ["accelerate", "launch", "-m", "lmadapt", "train", "--task", "sst2", "--method", "lora",
+                   "--shots", "16", "--seed", "2", "--out", str(folder), "--method-args", "r=8,targets=q+v",
+                   "--lr", "0.002", "--max-steps", "5"]
+    (folder / "checkpoint").mkdir(parents=True)
+    assert "--resume" in train_command(cell, folder, ["python"], [])
+    assert "--task" not in train_command(cell, folder, ["python"], ["--train", "t.tsv"])
+
+
+def test_launcher_runs_each_cell_as_its_own_process(tiny_dir, files, tmp_path, capsys):
+    from lmadapt.cli import main
+    out = tmp_path / "cmp"
+    assert main(_args(tiny_dir, files, out, "--methods", "bitfit", "--shots", "4", "--seeds", "1", "--launcher",
+                      "python", "--no-report")) == 0
+    log = (out / "custom/bitfit/shots-4/seed-0/log.txt").read_text()
+    assert "-m lmadapt train" in log and "--max-steps 2" in log and "--no-progress" in log
+    assert json.loads((out / "custom/bitfit/shots-4/seed-0/result.json").read_text())["steps"] == 2
+
+
+def test_extra_metrics_are_reported_next_to_the_main_one():
+    from lmadapt.api import attach
+    from lmadapt.evaluation import evaluate_examples
+    tok = make_tokenizer()
+    task = dataclasses.replace(TOY_GEN, extra_metrics=("rouge_l",))
+    adapted = attach(make_model("llama", len(tok)), "lora", tokenizer=tok)
+    m = evaluate_examples(adapted, task, task.load("dev")[:2], adapted.input_encoder(), max_new_tokens=3)
+    assert set(m) == {"bleu", "rouge_l"}
+
+
+def test_run_grid_runs_its_shard_and_retries_failed_cells(tmp_path):
+    from lmadapt.compare import run_grid
+    cells = [Cell("t", m, 4, s) for s in (0, 1) for m in ("a", "b", "c")]
+    calls = []
+
+    def run(cell, folder):
+        calls.append(cell)
+        if cell.method == "b" and calls.count(cell) == 1:
+            raise RuntimeError("flaky")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").write_text(json.dumps({"metrics": {"dev": {"accuracy": 50.0}}}))
+    first = run_grid(cells, tmp_path, run, shard=(1, 2), log=lambda s: None)
+    assert first["cells"] == cells[1::2] == calls                  # its share, nothing else
+    assert first["failed"] == [Cell("t", "b", 4, 0)] and (tmp_path / "t/b/shots-4/seed-0/error.json").exists()
+    again = run_grid(cells, tmp_path, run, shard=(1, 2), log=lambda s: None)
+    assert again["ran"] == [Cell("t", "b", 4, 0)] and not again["failed"]   # only the failed one, retried
+    assert not (tmp_path / "t/b/shots-4/seed-0/error.json").exists()
