@@ -307,7 +307,7 @@ def ppo(policy, task, reward, cfg: PPOConfig | None = None, *, out=None, resume:
                     optimizer.zero_grad(set_to_none=True)
                     for key, val in (("policy_loss", pl), ("value_loss", vl), ("clip_fraction", cf),
                                      ("value_clip_fraction", vcf)):
-                        logs[key] += float(val)
+                        logs[key] += float(val.detach())
                     n_updates += 1
             seq_kl = float(kl.sum(1).mean())
             row = {"step": step + 1, "reward": float(scores.mean()), "kl": seq_kl,

@@ -54,6 +54,7 @@ class RewardObjective:
 
     def loss(self, model, feats, device):
         loss, chosen, rejected = self._scores(model, feats, device)
+        chosen, rejected = chosen.detach(), rejected.detach()
         return loss, {"accuracy": float((chosen > rejected).float().mean()),
                       "margin": float((chosen - rejected).mean())}
 
