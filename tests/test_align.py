@@ -152,7 +152,9 @@ def test_ppo_raises_a_toy_reward_with_the_kl_bounded(tok):
 
 def test_ppo_resumes_exactly(tok, tmp_path, monkeypatch):
     import lmadapt.trainer as T
-    cfg = dict(PPO_CFG, max_steps=4, batch_size=4, save_every=2, max_eval=2)
+    # adaptive KL with a short horizon: the coefficient moves every step, so it must be restored
+    cfg = dict(PPO_CFG, max_steps=4, batch_size=4, save_every=2, max_eval=2, adaptive_kl=True, kl_target=0.01,
+               kl_horizon=8)
     fresh = lambda: lmadapt.attach(make_model("llama", len(tok)), "lora", tokenizer=tok, init_seed=0)  # noqa: E731
     ref = align.ppo(fresh(), PROMPTS, _count_good(tok), align.PPOConfig(**cfg), out=tmp_path / "ref")
     real = T._batch_indices
@@ -173,6 +175,7 @@ def test_ppo_resumes_exactly(tok, tmp_path, monkeypatch):
                   out=tmp_path / "run", resume=True)
     got = align.ppo(fresh(), PROMPTS, _count_good(tok), align.PPOConfig(**cfg), out=tmp_path / "run", resume=True)
     assert got["history"] == ref["history"] and got["evals"] == ref["evals"]
+    assert ref["history"][-1]["kl_coef"] != ref["history"][0]["kl_coef"]
     from safetensors.torch import load_file
     for name in ("best/adapter.safetensors", "value_head.safetensors"):
         a, b = load_file(tmp_path / "ref" / name), load_file(tmp_path / "run" / name)
