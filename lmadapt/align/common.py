@@ -70,16 +70,22 @@ class ChatFormat:
         response continues)."""
         return self._ids(self.prompt_text(example))[-(self.max_length - self.max_response_length):]
 
+    def response_text(self, example, response: str) -> str:
+        """The response as the model sees it after the prompt: the chat template's closing of an
+        assistant turn included (its end-of-turn token), or " response" (the eos id follows)."""
+        if not self.chat:
+            return " " + response.strip()
+        prompt = self.prompt_text(example)
+        full = self.tok.apply_chat_template(messages_of(self.task, example) + [
+            {"role": "assistant", "content": response.strip()}], tokenize=False)
+        return full[len(prompt):] if full.startswith(prompt) else response.strip()
+
     def response_ids(self, example, response: str) -> list[int]:
-        if self.chat:  # the template's own closing of an assistant turn (end-of-turn token included)
-            msgs = messages_of(self.task, example)
-            prompt = self.prompt_text(example)
-            full = self.tok.apply_chat_template(msgs + [{"role": "assistant", "content": response.strip()}],
-                                                tokenize=False)
-            text = full[len(prompt):] if full.startswith(prompt) else response.strip()
-            return self._ids(text)[: self.max_response_length]
+        ids = self._ids(self.response_text(example, response))
+        if self.chat:
+            return ids[: self.max_response_length]
         eos = self.tok.eos_token_id
-        return self._ids(" " + response.strip())[: self.max_response_length - 1] + ([eos] if eos is not None else [])
+        return ids[: self.max_response_length - 1] + ([eos] if eos is not None else [])
 
     def sequence(self, example, response: str) -> dict:
         """{'input_ids': prompt + response, 'labels': -100 on the prompt, the response ids after}."""
