@@ -129,6 +129,8 @@ class Reference:
     def model(self):
         """The reference as an Adapted model, in eval mode (no dropout), for a no-grad pass."""
         if self.copy is not None:
+            if self.copy.device != self.adapted.device:  # the trainer moved the policy (to CUDA)
+                self.copy.to(self.adapted.device)
             yield self.copy
             return
         was = self.adapted.training
