@@ -75,6 +75,29 @@ def test_disabled_reference_equals_the_base_models_logprobs(tok):
     assert torch.allclose(got[:, 1:], hf, atol=1e-5)
 
 
+DELTA_METHODS = ("adapter", "bitfit", "intrinsic", "ladder", "lora", "prefix", "prompt", "ptuning", "ptuning2")
+
+
+@pytest.mark.parametrize("method", DELTA_METHODS)
+def test_every_delta_methods_reference_is_the_base_and_a_dpo_step_trains_it(tok, method):
+    """Every delta method: disabled() gives the base model's log-probs exactly, and one DPO step
+    changes the method's tensors only (the base stays frozen)."""
+    adapted = lmadapt.attach(make_model("llama", len(tok)), method, tokenizer=tok, init_seed=0)
+    plain = lmadapt.attach(make_model("llama", len(tok)), "none", tokenizer=tok)
+    fmt = ChatFormat(tok, PREF, max_length=32, max_response_length=8)
+    batch = _batch(tok, fmt, _pairs(2, 3))
+    with torch.no_grad(), Reference(adapted).model() as ref:
+        got = token_logprobs(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        want = token_logprobs(plain, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert torch.equal(got, want)
+    before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
+    align.dpo(adapted, PREF, train_examples=_pairs(4, 0), dev_examples=[], max_steps=1, batch_size=2, lr=1e-2,
+              warmup_ratio=0.0, **SHORT)
+    changed = {n for n, p in adapted.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable, (changed - trainable)
+
+
 def test_full_reference_is_a_frozen_copy(tok):
     adapted = lmadapt.attach(make_model("llama", len(tok)), "full", tokenizer=tok)
     ref = Reference(adapted)
