@@ -147,8 +147,12 @@ def run(adapted, task, objective, *, out=None, resume=False, seed=0, data_root=N
     """Train `adapted` with `objective` through trainer.fit (lmadapt.api.train: best dev
     checkpoint, checkpoints, resume) and write out/result.json with `extra` (the objective's
     settings) under "align". -> the result dict."""
+    from accelerate import PartialState
+
     from ..api import is_main_process, train
     from ..atomic import write_json
+    if PartialState().num_processes > 1:  # the log-prob passes bypass DDP's forward (Adapted.encode)
+        raise ValueError("alignment (sft, reward, dpo, ppo) runs in one process; launch it without accelerate")
     result = train(adapted, task, train_examples=train_examples, dev_examples=dev_examples, seed=seed,
                    data_root=data_root, out=out, resume=resume, max_train=max_train, ood=[],
                    objective=objective, **config)
