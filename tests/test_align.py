@@ -290,3 +290,30 @@ def test_cli_commands_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr()
     assert main(["ppo", *common, "--out", str(tmp_path / "x")]) == 2
     assert "--reward-model" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_smollm2_chat_format_and_disabled_reference():
+    """SmolLM2-Instruct: an HH dialogue in its chat template, the response closed by the template's
+    <|im_end|> (the tokenizer's EOS), and the disabled adapter's log-probs untouched by a delta."""
+    model, tok = lmadapt.load("smollm2-135m")
+    task = get_task("hh_rlhf")
+    ex = task.load("dev")[0]
+    fmt = ChatFormat(tok, task, max_length=256, max_response_length=64)
+    assert fmt.chat and fmt.prompt_text(ex).endswith("<|im_start|>assistant\n")
+    assert fmt.prompt_text(ex).count("<|im_start|>user") == ex.text.count("Human:")
+    short = Example(text=ex.text, target="Sure.", rejected="No.")
+    seq = fmt.sequence(short, short.target)
+    response = [t for t in seq["labels"] if t != -100]
+    assert tok.decode(response) == "Sure.<|im_end|>\n" and tok.eos_token_id in response
+    adapted = lmadapt.attach(model, "lora", tokenizer=tok, init_seed=0)
+    batch = fmt.collate([fmt.sequence(short, short.target), fmt.sequence(short, short.rejected)])
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        base = token_logprobs(adapted, *args)                        # LoRA's B = 0: the base model
+        for n, p in adapted.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+        with Reference(adapted).model() as ref:
+            assert torch.equal(token_logprobs(ref, *args), base)
+        assert not torch.allclose(token_logprobs(adapted, *args), base, atol=1e-3)
