@@ -284,7 +284,7 @@ def main():
                                                 precision=a.precision)
         print(f"win rate {name} vs SFT: {wins[name]['win_rate']:.3f} (reward {wins[name]['reward']:.3f} vs "
               f"{wins[name]['reward_reference']:.3f}, KL {wins[name]['kl']:.2f})", flush=True)
-    del ppo_policy, dpo_policy, reward_model
+    del ppo_policy, dpo_policy  # the speed runs below are separate processes
 
     # 6. DPO memory and speed: ours (disabled adapter) vs TRL (reference copy), base model + LoRA
     speed_rows = {} if a.skip_speed else {impl: run_speed(a, impl) for impl in ("ours", "trl")}

@@ -287,7 +287,7 @@ def test_cli_commands_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
                  "--init", str(runs["sft"]), "--max-new-tokens", "8", "--ppo-epochs", "2", "--adaptive-kl",
                  "--resume"]) == 0
     assert json.loads((runs["ppo"] / "result.json").read_text())["history"] == results["ppo"]["history"]
-    err = capsys.readouterr()
+    capsys.readouterr()
     assert main(["ppo", *common, "--out", str(tmp_path / "x")]) == 2
     assert "--reward-model" in capsys.readouterr().err
 
