@@ -283,6 +283,9 @@ def test_cli_commands_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
     assert main(["dpo", *[c if c != "2" else "3" for c in common], "--max-response-length", "16", "--init",
                  str(runs["sft"]), "--beta", "0.2", "--out", str(runs["dpo"]), "--resume"]) == 2
     assert "max_steps (2 -> 3)" in capsys.readouterr().err
+    assert main(["dpo", *common, "--max-response-length", "16", "--init", str(runs["sft"]), "--beta", "0.3",
+                 "--out", str(runs["dpo"]), "--resume"]) == 2
+    assert "beta (0.2 -> 0.3)" in capsys.readouterr().err
     assert main(["ppo", *common, "--out", str(runs["ppo"]), "--reward-model", str(runs["rm"]),
                  "--init", str(runs["sft"]), "--max-new-tokens", "8", "--ppo-epochs", "2", "--adaptive-kl",
                  "--resume"]) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -153,10 +154,22 @@ def run(adapted, task, objective, *, out=None, resume=False, seed=0, data_root=N
     from ..atomic import write_json
     if PartialState().num_processes > 1:  # the log-prob passes bypass DDP's forward (Adapted.encode)
         raise ValueError("alignment (sft, reward, dpo, ppo) runs in one process; launch it without accelerate")
+    extra = extra or {}
+    if out:  # the stage's own settings (beta, ...): a --resume must keep them too
+        settings = Path(out) / "align.json"
+        if resume and settings.exists():
+            saved = json.loads(settings.read_text())
+            diff = [f"{k} ({saved.get(k)} -> {extra.get(k)})" for k in sorted(set(saved) | set(extra))
+                    if saved.get(k) != extra.get(k)]
+            if diff:
+                raise ValueError(f"{out}: --resume with other settings than the interrupted run: {', '.join(diff)}; "
+                                 "resume with the same settings, or train into a new --out")
+        if is_main_process():
+            write_json(settings, extra)
     result = train(adapted, task, train_examples=train_examples, dev_examples=dev_examples, seed=seed,
                    data_root=data_root, out=out, resume=resume, max_train=max_train, ood=[],
                    objective=objective, **config)
-    result["align"] = extra or {}
+    result["align"] = extra
     if out and is_main_process():
         write_json(Path(out) / "result.json", result)
     return result
