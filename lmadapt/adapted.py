@@ -93,6 +93,9 @@ class Adapted(nn.Module):
         self.label_names = list(label_names) if label_names else (
             [str(i) for i in range(num_labels)] if num_labels else [])
         self.head_kind = head
+        # The artifact of an earlier stage whose merged model this one was attached to (SFT for
+        # DPO / PPO); recorded in method.json so load_adapted rebuilds that model first.
+        self.init: str | None = None
         if num_labels is None and not self.causal:
             raise ValueError(f"{model.config.model_type} is an encoder without an LM head: give num_labels "
                              "(a classification task); generation tasks need a causal LM")
@@ -280,6 +283,22 @@ class Adapted(nn.Module):
             raise ValueError(f"method '{self.method.name}' cannot be merged into the base weights")
         self.method.merge(self)
 
+    def merged_model(self) -> nn.Module:
+        """The base model with this delta folded into its weights, as a plain model (every
+        wrapper module replaced by the base module it wraps): what a later stage attaches a
+        fresh method to, so that its `disabled()` reference is this model (SFT -> DPO / PPO).
+        `full` is its own model. This Adapted must not be used afterwards."""
+        if self.method.name != "full":
+            if self.method.name != "none":
+                self.merge()
+            for name, m in list(self.model.named_modules()):
+                if name and getattr(m, "merged", False) and isinstance(getattr(m, "base", None), nn.Module):
+                    parent, _, child = name.rpartition(".")
+                    setattr(self.model.get_submodule(parent) if parent else self.model, child, m.base)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self.model
+
     def unmerge(self) -> None:
         if not hasattr(self.method, "unmerge"):
             raise ValueError(f"method '{self.method.name}' cannot be merged into the base weights")
@@ -300,6 +319,7 @@ class Adapted(nn.Module):
             "args": self.method.to_dict(),
             "base_model": self.base_fingerprint,
             "head": head,
+            **({"init": self.init} if self.init else {}),
         }
 
     def input_encoder(self, max_length: int = 128, max_target_length: int = 64):

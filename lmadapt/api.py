@@ -87,11 +87,16 @@ def _resolve_head(model, method_cls, task, head, template, verbalizer, token_sco
 
 def load_adapted(directory, model=None, tokenizer=None, slots: int = 1) -> Adapted:
     """Rebuild an Adapted model from an artifact folder (method.json + safetensors). The base
-    model is loaded from the name recorded in the artifact unless `model` is given. The head is
+    model is loaded from the name recorded in the artifact unless `model` is given (or, for an
+    artifact trained on an earlier stage's merged model, meta['init'], that stage rebuilt). The head is
     rebuilt from its record (a verbalizer's template, words and calibration included)."""
     from .models import load
     meta, state = read_artifact(directory)
-    if model is None:
+    if model is None and meta.get("init"):
+        # Trained on an earlier stage's model (alignment: DPO / PPO on the SFT model): rebuild it.
+        earlier = load_adapted(meta["init"])
+        model, tokenizer = earlier.merged_model(), earlier.tokenizer
+    elif model is None:
         model, tokenizer = load(meta["base_model"]["name"])
     check_base(meta, model, str(directory))
     head = meta["head"]
@@ -102,15 +107,17 @@ def load_adapted(directory, model=None, tokenizer=None, slots: int = 1) -> Adapt
                       pooling=head["pooling"], layer=head["layer"], head=head["kind"], head_args=head_args,
                       tokenizer=tokenizer)
     adapted.load_state(state, 0)
+    adapted.init = meta.get("init")
     adapted.eval()
     return adapted
 
 
 def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, shots=None, seed: int = 0,
           data_root=None, out=None, resume: bool = False, max_train: int | None = None,
-          ood: list[str] | None = None, features=None, **config) -> dict:
+          ood: list[str] | None = None, features=None, objective=None, **config) -> dict:
     """Train on a task's train split (k-shot if `shots`), keep the best dev checkpoint, evaluate
-    on dev and on the out-of-domain tasks, and write out/result.json. -> the result dict."""
+    on dev and on the out-of-domain tasks, and write out/result.json. -> the result dict.
+    `objective`: what a step optimizes (trainer.Objective; default the task's own loss)."""
     t = _task(task)
     cfg = TrainConfig(seed=seed, **config)
     if train_examples is None:
@@ -121,7 +128,8 @@ def train(adapted: Adapted, task, *, train_examples=None, dev_examples=None, sho
         train_examples = [train_examples[i] for i in torch.randperm(len(train_examples), generator=g)[:max_train]]
     if dev_examples is None:
         dev_examples = t.load("dev", data_root)
-    summary = fit(adapted, t, train_examples, dev_examples, cfg, Path(out) if out else None, resume, features)
+    summary = fit(adapted, t, train_examples, dev_examples, cfg, Path(out) if out else None, resume, features,
+                  objective)
     # The restored best checkpoint was evaluated on the same (capped) dev set already.
     best = summary["best_eval"]
     metrics = {}

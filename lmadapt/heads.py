@@ -8,6 +8,8 @@ Every head has one interface, so Adapted.forward calls any head the same way:
 - `SlotHead` (linear | mlp) pools the hidden states (cls / mean / last real token) and applies a
   linear layer or a one-hidden-layer MLP, with a slot dim on its weights (per-user heads). It also
   takes already pooled features (B, H) directly: the probe's cached-feature path.
+- `RewardHead` (reward): one scalar per sequence, read at the last real token, trained with the
+  pairwise Bradley-Terry loss (a reward model); per token, the same head is PPO's value head.
 - `VerbalizerHead` (lmadapt.prompting.head) reads the LM head at the mask position and scores
   the label words; it has no per-user weights.
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .objectives import cross_entropy
+from .objectives import bradley_terry, cross_entropy
 
 POOLINGS = ("cls", "mean", "last")
 
@@ -118,9 +120,43 @@ def _slot_head(adapted, kind: str, **args) -> SlotHead:
                     pooling=adapted.pooling)
 
 
+class RewardHead(SlotHead):
+    """A scalar score (B, 1) at the last real token (a reward model), or per token (B, T) via
+    `per_token` (PPO's value head). A batch to train on holds chosen and rejected rows, labels (B,)
+    1 = chosen, 0 = rejected, the i-th chosen row paired with the i-th rejected row."""
+
+    def __init__(self, hidden: int, slots, pooling: str = "last"):
+        super().__init__(hidden, 1, slots, "linear", pooling=pooling)
+        self.loss = self.pair_loss
+        with torch.no_grad():  # a zero score at init: the untrained RM / critic prefers nothing
+            self.weight.zero_()
+
+    def pair_loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        chosen, rejected = scores[labels == 1, 0], scores[labels == 0, 0]
+        if len(chosen) != len(rejected) or not len(chosen):
+            raise ValueError(f"a reward batch needs as many chosen (label 1) as rejected (label 0) rows, "
+                             f"got {len(chosen)} and {len(rejected)}")
+        return bradley_terry(chosen, rejected)
+
+    def per_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, T) a score at every position."""
+        w, b = self.slots.pick(self.weight), self.slots.pick(self.bias)
+        if w.dim() == 3:
+            return torch.einsum("bth,bh->bt", hidden, w[:, 0]) + b[:, :1]
+        return F.linear(hidden, w, b).squeeze(-1)
+
+
+def _reward_head(adapted, kind: str, **args) -> RewardHead:
+    if args:
+        raise ValueError(f"head 'reward' takes no arguments, got {', '.join(sorted(args))}")
+    if adapted.num_labels != 1:
+        raise ValueError(f"the reward head gives one score: attach with num_labels=1, got {adapted.num_labels}")
+    return RewardHead(adapted.model.config.hidden_size, adapted.slots, pooling=adapted.pooling)
+
+
 # kind -> builder(adapted, kind, **args) -> head. lmadapt.prompting adds 'verbalizer' (imported by
 # the package's __init__, so it is registered before any model is built).
-HEADS: dict[str, Callable] = {"linear": _slot_head, "mlp": _slot_head}
+HEADS: dict[str, Callable] = {"linear": _slot_head, "mlp": _slot_head, "reward": _reward_head}
 
 
 def build_head(adapted, kind: str, **args) -> nn.Module:

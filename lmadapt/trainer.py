@@ -7,6 +7,11 @@ so a resumed run replays the same batches, and the RNG state (dropout) is restor
 checkpoint. `batch_size` is the global number of examples per optimizer step: with W processes
 and A accumulation steps each process runs batch_size / (W * A) examples per micro-batch, so 1
 and 2 processes follow the same trajectory.
+
+What a step optimizes is an `Objective` (the one hook): how an example is encoded once, its
+weight in a batch, the loss of a list of encoded examples, and the dev metrics. The default,
+`Supervised`, is the task's own loss; alignment (lmadapt.align: SFT, reward model, DPO) passes its
+own, so those run this same loop with its accumulation, checkpoints and resume.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +94,49 @@ RESUME_KEYS = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_
                "max_grad_norm", "seed", "max_length", "max_target_length")
 
 
+class Objective(Protocol):
+    """What fit optimizes. `loss` gets the (accelerate-wrapped) model and a list of encoded
+    examples and returns the chunk's mean loss, or (loss, {name: float}) whose values go into the
+    step's history row (weighted like the loss). `evaluate` returns metrics holding the task's
+    metric, which picks the best checkpoint."""
+
+    def encode(self, example) -> dict: ...
+    def weight(self, feat: dict) -> float: ...
+    def loss(self, model, feats: list[dict], device) -> torch.Tensor | tuple[torch.Tensor, dict]: ...
+    def evaluate(self, adapted, examples, precision: str, progress: bool) -> dict: ...
+
+
+class Supervised:
+    """The default objective: the task's own loss (the head's, or the LM loss on the target
+    tokens) and metric. A chunk's mean loss counts by its share of the global batch: examples for
+    classification, target tokens for generation."""
+
+    def __init__(self, adapted, task, cfg: TrainConfig):
+        self.task, self.cfg = task, cfg
+        self.enc = adapted.input_encoder(cfg.max_length, cfg.max_target_length)
+
+    def encode(self, example) -> dict:
+        return self.enc.encode(self.task, example)
+
+    def weight(self, feat: dict) -> float:
+        labels = feat.get("labels")
+        return sum(1 for t in labels[1:] if t != -100) if isinstance(labels, list) else 1
+
+    def loss(self, model, feats, device):
+        return model(**self.enc.collate(feats, device)).loss
+
+    def evaluate(self, adapted, examples, precision, progress) -> dict:
+        return evaluate_examples(adapted, self.task, examples, self.enc, self.cfg.eval_batch_size,
+                                 self.cfg.max_new_tokens, precision=precision, progress=progress)
+
+
 def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path | None = None,
-        resume: bool = False, features=None) -> dict:
+        resume: bool = False, features=None, objective: Objective | None = None) -> dict:
     """Train `adapted` in place; -> summary dict (history, best metric, timings, memory).
 
     `features` = (train_x, train_y, dev_x, dev_y): precomputed frozen features for a probe (see
-    methods.probe.extract_features), so a sweep over heads does not re-run the backbone."""
+    methods.probe.extract_features), so a sweep over heads does not re-run the backbone.
+    `objective`: what a step optimizes and how dev is scored (default: Supervised)."""
     from accelerate import Accelerator
 
     if not train_examples:
@@ -106,11 +149,14 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                          f"({world} x {cfg.grad_accum})")
     torch.manual_seed(cfg.seed)
-    enc = adapted.input_encoder(cfg.max_length, cfg.max_target_length)
     device = acc.device
     adapted.to(device)
     precision = resolve(cfg.precision, device)
     frozen = adapted.method.frozen_features
+    if frozen and objective is not None:
+        raise ValueError(f"method '{adapted.method.name}' trains its head on cached features and takes no "
+                         "other objective; use a method that runs the backbone (lora, full, ...)")
+    objective = objective or Supervised(adapted, task, cfg)
     dev = subsample(dev_examples, cfg.max_eval)
     show = cfg.progress and acc.is_main_process
 
@@ -126,7 +172,7 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
         train_x, train_y, dev_x, dev_y = (t.to(device) if t is not None else None for t in features)
         module = adapted.head
     else:
-        feats = [enc.encode(task, ex) for ex in train_examples]
+        feats = [objective.encode(ex) for ex in train_examples]
         module = adapted
     named = {n: p for n, p in adapted.named_parameters() if p.requires_grad}
     if not named:
@@ -161,18 +207,14 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     # Loss weights: a chunk's mean loss counts by its share of the GLOBAL batch — examples for
     # classification, target tokens for generation — times `world`, since DDP averages gradients.
     # So 1 process, 2 processes and any grad_accum give the same gradient.
-    if frozen:
-        weight_of = [1] * n
-    else:
-        weight_of = [sum(1 for t in f["labels"][1:] if t != -100) if isinstance(f["labels"], list) else 1
-                     for f in feats]
+    weight_of = [1] * n if frozen else [objective.weight(f) for f in feats]
 
-    def loss_of(idx: list[int]) -> torch.Tensor:
+    def loss_of(idx: list[int]) -> tuple[torch.Tensor, dict]:
         with autocast(precision, device):
             if frozen:
-                return F.cross_entropy(wrapped(train_x[idx]).float(), train_y[idx])
-            batch = enc.collate([feats[i] for i in idx], device)
-            return wrapped(**batch).loss
+                return F.cross_entropy(wrapped(train_x[idx]).float(), train_y[idx]), {}
+            out = objective.loss(wrapped, [feats[i] for i in idx], device)
+            return out if isinstance(out, tuple) else (out, {})
     best_in_memory = None
 
     from tqdm.auto import tqdm
@@ -188,14 +230,18 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
             chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
             total_weight = max(1, sum(weight_of[i] for i in idx))
             step_loss = torch.zeros((), device=device)
+            stats: dict[str, float] = {}    # the objective's own figures, weighted like the loss
             for j, chunk in enumerate(chunks):
                 sync = j == len(chunks) - 1
                 ctx = acc.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
                 share = sum(weight_of[i] for i in chunk) / total_weight
                 with ctx:
-                    loss = loss_of(chunk) * (share * world)
+                    loss, chunk_stats = loss_of(chunk)
+                    loss = loss * (share * world)
                     acc.backward(loss)
                 step_loss += loss.detach() / world
+                for k, v in chunk_stats.items():
+                    stats[k] = stats.get(k, 0.0) + share * float(v)
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
             optimizer.step()
@@ -203,14 +249,18 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
             optimizer.zero_grad(set_to_none=True)
             state["examples"] += len(idx)
             mean_loss = acc.reduce(step_loss, "sum").item()
-            state["history"].append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
+            if stats and world > 1:
+                summed = acc.reduce(torch.tensor(list(stats.values()), device=device), "sum").tolist()
+                stats = dict(zip(stats, summed))
+            state["history"].append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                                     **stats})
             state["step"] = step + 1
             elapsed = time.perf_counter() - t_start
             bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{len(idx) * (step + 1 - start) / max(elapsed, 1e-9):.1f}")
             bar.update(1)
             last = state["step"] == total
             if dev and (state["step"] % eval_every == 0 or last):
-                m = _evaluate(adapted, task, enc, dev, cfg, precision, show, dev_x if frozen else None,
+                m = _evaluate(adapted, objective, dev, precision, show, dev_x if frozen else None,
                               dev_y if frozen else None)
                 value = metric_value(task, m)
                 state["evals"].append({"step": state["step"], **m})
@@ -266,11 +316,10 @@ def _check_same_run(state: dict, cfg: TrainConfig, n: int, where: Path) -> None:
 
 
 @torch.no_grad()
-def _evaluate(adapted, task, enc, dev, cfg, precision, progress, dev_x, dev_y):
+def _evaluate(adapted, objective, dev, precision, progress, dev_x, dev_y):
     if dev_x is not None:  # probe: the head on cached features
         adapted.head.eval()
         preds = adapted.head(dev_x).argmax(-1).tolist()
         from .metrics import compute
-        return compute(task.metric, preds, dev_y.tolist())
-    return evaluate_examples(adapted, task, dev, enc, cfg.eval_batch_size, cfg.max_new_tokens,
-                             precision=precision, progress=progress)
+        return compute(objective.task.metric, preds, dev_y.tolist())
+    return objective.evaluate(adapted, dev, precision, progress)

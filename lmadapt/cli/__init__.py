@@ -16,7 +16,12 @@ __all__ = ["main", "build_parser", "quiet_third_party", "parse_method_args", "su
 
 EXIT_USAGE = 2
 
-COMMANDS = ["train", "evaluate", "pet", "icl", "cot", "instruct", "predict", "compare", "report", "listing"]
+COMMANDS = [
+    "train", "evaluate", "pet", "icl", "cot", "instruct", "predict",
+    "sft", "reward", "dpo", "ppo",
+    "compare", "report",
+    "listing",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,3 +121,69 @@ def summary_table(results: list[dict]) -> str:
     return table(rows, ["method", "task", "trainable", "stored", "train", "peak mem", "metrics"])
 
 
+
+
+def align_args(sp, default_task: str):
+    """The options sft, reward, dpo and ppo share (train's, plus where the stage starts from)."""
+    sp.add_argument("--model", default=DEFAULT_MODEL, help=f"packaged name or local HF dir (default {DEFAULT_MODEL})")
+    sp.add_argument("--task", default=default_task, help=f"a task name (default {default_task})")
+    sp.add_argument("--data-root", help="datasets folder (default: $LMADAPT_DATA or ../shared/data)")
+    sp.add_argument("--init", help="an earlier stage's run (e.g. the SFT run): its delta is merged into the base "
+                                   "first, so the reference (the disabled adapter) is that model")
+    sp.add_argument("--method", default="lora", help="the trainable part, see `lmadapt methods` (default lora)")
+    sp.add_argument("--method-args", help="k=v,... e.g. r=8,alpha=16")
+    sp.add_argument("--max-train", type=int, help="random subset of the training set of this size")
+    sp.add_argument("--max-steps", type=int, help="optimizer steps (ppo: rollout batches)")
+    sp.add_argument("--batch-size", type=int, help="examples (pairs, prompts) per step (8)")
+    sp.add_argument("--max-eval", type=int, help="dev examples used by every evaluation (a fixed random subset)")
+    sp.add_argument("--lr", type=float, help="peak learning rate of AdamW (default: the method's)")
+    sp.add_argument("--eval-every", type=int, help="steps between dev evaluations")
+    sp.add_argument("--save-every", type=int, help="steps between resumable checkpoints")
+    sp.add_argument("--max-length", type=int, default=256, help="prompt + response tokens (256)")
+    sp.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
+                    help="format prompts with the model's chat template (auto: when it has one)")
+    sp.add_argument("--seed", type=int, default=0, help="seeds the data order, sampling and initial weights (0)")
+    sp.add_argument("--out", required=True, help="run folder")
+    sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a crash")
+    common_args(sp)
+
+
+def chat_flag(a) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[a.chat]
+
+
+def align_start(a, reward_head: bool = False):
+    """-> (task, Adapted) for an alignment command: bad arguments fail before the model loads;
+    with --init, the method is attached to the earlier stage's merged model."""
+    import lmadapt
+    from ..align.common import start_from
+    from ..tasks import get_task
+    task = get_task(a.task)
+    for split in ("train", "dev"):
+        task.load(split, a.data_root)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    method_args = parse_method_args(a.method_args)
+    lmadapt.get_method(a.method, **method_args)
+    init = None
+    if a.init:
+        model, tok, init = start_from(a.init)
+    else:
+        model, tok = lmadapt.load(a.model)
+    if reward_head:
+        from ..align.reward import attach_reward_model
+        import torch
+        torch.manual_seed(a.seed)
+        adapted = attach_reward_model(model, a.method, tok, **method_args)
+    else:
+        adapted = lmadapt.attach(model, a.method, tokenizer=tok, init_seed=a.seed, **method_args)
+    adapted.init = init
+    return task, adapted
+
+
+def fit_options(a) -> dict:
+    """train's optimization options that were given, as TrainConfig keywords."""
+    keys = ("max_steps", "batch_size", "max_eval", "lr", "eval_every", "save_every", "max_length")
+    return {k: getattr(a, k) for k in keys if getattr(a, k) is not None} | {
+        "precision": a.precision, "progress": not a.no_progress}
