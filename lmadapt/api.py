@@ -113,10 +113,18 @@ def load_adapted(directory, model=None, tokenizer=None, slots: int = 1) -> Adapt
     head = meta["head"]
     head_args = {k: v for k, v in head.items() if k not in ("num_labels", "label_names", "pooling", "layer", "kind")}
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()}
-    adapted = Adapted(model, get_method(meta["method"], **args), slots=slots,
+    method = get_method(meta["method"], **args)
+    build = method
+    if str(args.get("init", "")).startswith("pretrained:"):
+        # A pre-trained init (PPT) is not read again: the artifact's own table replaces it, so the
+        # folder it came from need not exist any more. method.json keeps where it came from.
+        import dataclasses
+        build = dataclasses.replace(method, init="random")
+    adapted = Adapted(model, build, slots=slots,
                       num_labels=head["num_labels"], label_names=head["label_names"],
                       pooling=head["pooling"], layer=head["layer"], head=head["kind"], head_args=head_args,
                       tokenizer=tokenizer)
+    adapted.method = method
     adapted.load_state(state, 0)
     adapted.eval()
     return adapted
