@@ -73,11 +73,11 @@ def sentence_pairs(documents, n: int, seed: int = 0) -> list[Example]:
     return out
 
 
-def ppt_task(train, dev):
+def ppt_task(train, dev, verbalizer: str = PPT_VERBALIZER):
     from ..tasks import Task
     return Task(name="ppt_sentence_pairs", kind="pair_classification", label_names=PPT_LABELS, metric="accuracy",
                 splits={"train": lambda root: list(train), "dev": lambda root: list(dev)}, uses_data_root=False,
-                description="PPT's self-supervised sentence-pair task", pvps=((PPT_TEMPLATE, PPT_VERBALIZER),))
+                description="PPT's self-supervised sentence-pair task", pvps=((PPT_TEMPLATE, verbalizer),))
 
 
 def documents_of(task_names, data_root=None, limit: int | None = None) -> list[str]:
@@ -93,12 +93,12 @@ def documents_of(task_names, data_root=None, limit: int | None = None) -> list[s
 
 
 def pretrain_prompt(model, tok, documents, out, *, k: int = 20, pairs: int = 2000, dev_pairs: int = 300,
-                    seed: int = 0, init: str = "vocab", **train_config) -> dict:
+                    seed: int = 0, init: str = "vocab", verbalizer: str = PPT_VERBALIZER, **train_config) -> dict:
     """Train a k-token prompt on sentence pairs from `documents`; OUT/best is the artifact that
     `--init pretrained:OUT` loads. -> the train result (dev accuracy on held-out pairs)."""
     from ..api import attach, train
     examples = sentence_pairs(documents, pairs + dev_pairs, seed)
-    task = ppt_task(examples[:pairs], examples[pairs:])
+    task = ppt_task(examples[:pairs], examples[pairs:], verbalizer)
     adapted = attach(model, "prompt", task=task, tokenizer=tok, k=k, init=init, seed=seed, init_seed=seed)
     return train(adapted, task, seed=seed, out=out, ood=[], **train_config)
 
