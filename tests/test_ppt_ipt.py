@@ -144,3 +144,26 @@ def test_ipt_trains_exactly_d_numbers_and_reloads(decoder, tmp_path):
         lmadapt.get_method("ipt", decoder=str(moved), decoder_sha256=res["sha256"])
     with pytest.raises(ValueError, match="decoder is required"):
         lmadapt.get_method("ipt")
+
+
+def test_ipt_slots_and_disabled(decoder):
+    """The matrix invariants for ipt (test_matrix.py cannot build it without a decoder): mixed
+    slots equal each row alone, and disabled() is the base model."""
+    res, _, _ = decoder
+    model, tok = causal()
+    a = lmadapt.attach(model, "ipt", task=TOY_PVP, tokenizer=tok, decoder=res["decoder"], slots=3)
+    with torch.no_grad():
+        a.delta.z += torch.randn(a.delta.z.shape, generator=torch.Generator().manual_seed(0))
+    enc = a.input_encoder()
+    exs = TOY_PVP.load("dev")[:3]
+    batch = enc.collate([enc.classification(ex) for ex in exs])
+    ids_ = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        mixed = a(**batch, slot_ids=ids_).logits
+        for i, ex in enumerate(exs):
+            one = enc.collate([enc.classification(ex)])
+            torch.testing.assert_close(mixed[i:i + 1], a(**one, slot_ids=ids_[i:i + 1]).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(mixed, a(**batch, slot_ids=torch.zeros(3, dtype=torch.long)).logits, atol=1e-5)
+        none = lmadapt.attach(causal()[0], "none", task=TOY_PVP, tokenizer=tok)
+        with a.disabled():
+            torch.testing.assert_close(a(**batch).logits, none(**batch).logits)
