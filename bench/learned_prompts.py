@@ -20,12 +20,14 @@ and standard deviation over the seeds of test accuracy. Parts (`--parts`):
 
 Runs are resumable: every finished run leaves OUT/runs/.../row.json and is not run again.
 
-    .venv/bin/python bench/learned_prompts.py --out runs/bench13                  # everything
-    .venv/bin/python bench/learned_prompts.py --parts verbalizers --tasks sst2 --seeds 0 --out runs/b
+    PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --out runs/bench13     # everything
+    PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --parts verbalizers --tasks sst2 --seeds 0 --out runs/b
 
 Smoke (a tiny random LLaMA with SmolLM2's tokenizer; the figures mean nothing):
-    .venv/bin/python bench/learned_prompts.py --tiny --max-test 16 --shots 2 --seeds 0 --max-steps 2 \\
-        --ppt-pairs 12 --ppt-steps 2 --ipt-prompt-steps 2 --ipt-ae-steps 4 --ipt-max-train 8 --out /tmp/b13
+    PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --tiny --max-test 16 --shots 2 --seeds 0 \\
+        --max-steps 2 --ppt-pairs 12 --ppt-dev-pairs 6 --ppt-steps 2 --ppt-max-docs 50 --ipt-prompt-steps 2 \\
+        --ipt-ae-steps 4 --ipt-max-train 8 --ipt-max-eval 4 --ipt-train rte,e2e_nlg --candidates 3 --top 4 \\
+        --lead-tokens 1 --per-step 2 --kpt-unlabeled 16 --out /tmp/b13
 """
 from __future__ import annotations
 
@@ -201,7 +203,7 @@ class Bench:
             out.append({"part": part, "task": task, "variant": variant, "n_seeds": len(accs),
                         "mean": statistics.mean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0})
         for task in {r["task"] for r in self.rows if r["part"] == "ipt"}:
-            chance = 1 / len(lmadapt.api._task(task).label_names)
+            chance = 100.0 / len(lmadapt.api._task(task).label_names)     # accuracy is in percent
             full = next((s["mean"] for s in out if s["part"] == "ipt" and s["task"] == task
                          and s["variant"] == "prompt tuning (full)"), None)
             for s in out:
