@@ -167,3 +167,19 @@ def test_ipt_slots_and_disabled(decoder):
         none = lmadapt.attach(causal()[0], "none", task=TOY_PVP, tokenizer=tok)
         with a.disabled():
             torch.testing.assert_close(a(**batch).logits, none(**batch).logits)
+
+
+def test_cli_ppt_then_train_from_it(tiny_dir, tmp_path):
+    from lmadapt.cli import main
+    out = tmp_path / "ppt"
+    assert main(["ppt", "--model", str(tiny_dir), "--docs", "imdb", "--max-docs", "30", "--pairs", "12",
+                 "--dev-pairs", "6", "--max-steps", "1", "--k", "4", "--verbalizer",
+                 "next=yes,same_document=maybe,other_document=no", "--out", str(out), "--no-progress"]) == 0
+    p = tmp_path / "toy.tsv"
+    p.write_text("sentence\tlabel\n" + "".join(f"{e.text}\t{'pos' if e.label else 'neg'}\n" for e in TOY_PVP.load("train")))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_dir), "--train", str(p), "--dev", str(p), "--text-col", "sentence",
+                 "--label-col", "label", "--method", "prompt", "--method-args", "k=4", "--init", f"pretrained:{out}",
+                 "--template", "{text} it was {mask}", "--verbalizer", "neg=bad,pos=good", "--max-steps", "1",
+                 "--max-eval", "4", "--ood", "", "--out", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "best" / "method.json").read_text())["args"]["init"] == f"pretrained:{out}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..prompting.ppt import PPT_VERBALIZER
 from .common import DEFAULT_MODEL, common_args
 
 
@@ -15,6 +16,7 @@ def cmd_ppt(a) -> int:
     cfg = {k: v for k, v in (("lr", a.lr), ("max_steps", a.max_steps), ("epochs", a.epochs),
                              ("batch_size", a.batch_size), ("max_eval", a.max_eval)) if v is not None}
     res = pretrain_prompt(model, tok, docs, a.out, k=a.k, pairs=a.pairs, dev_pairs=a.dev_pairs, seed=a.seed,
+                          verbalizer=a.verbalizer,
                           precision=a.precision, progress=not a.no_progress, max_length=a.max_length, **cfg)
     print(f"sentence-pair dev accuracy {res['metrics']['dev']['accuracy']:.3f} ({res['metrics']['dev']['n']} pairs); "
           f"wrote {Path(a.out) / 'best'}: use --method prompt --init pretrained:{a.out}")
@@ -32,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, default=20, help="soft tokens (20; the few-shot run must use the same)")
     p.add_argument("--pairs", type=int, default=2000, help="training sentence pairs (2000)")
     p.add_argument("--dev-pairs", type=int, default=300, help="held-out pairs for the best checkpoint (300)")
+    p.add_argument("--verbalizer", default=PPT_VERBALIZER, help=f"words of the three pair labels ({PPT_VERBALIZER})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     for name, typ in (("lr", float), ("max-steps", int), ("epochs", float), ("batch-size", int), ("max-eval", int)):
