@@ -199,3 +199,25 @@ def test_spec_files_and_kinds_reach_pet(tmp_path):
     kinds = [json.loads((tmp_path / "pet" / "g0" / f"p{i}" / "best" / "method.json").read_text())["head"]["kind"]
              for i in (0, 1)]
     assert kinds == ["soft", "prototypical"] and isinstance(res["final"]["dev_accuracy"], float)
+
+
+def test_prototypical_loss_is_both_protoverb_terms():
+    model, tok = causal()
+    a = lmadapt.attach(model, "none", task=TOY_PVP, tokenizer=tok, template=TEMPLATE, head="prototypical",
+                       verbalizer="negative=bad,positive=good", head_options={"instance_weight": 0.5, "temperature": 0.2})
+    b = _batch(a, 8)
+    a.train()
+    out = a(**b)
+    v = F.normalize(a.head.embed(a_inputs(a, b)), dim=-1)
+    p = F.normalize(a.head.prototypes[0], dim=-1)
+    sim = v @ p.T / 0.2
+    torch.testing.assert_close(out.logits, sim)
+    want = prototype_contrastive(sim, b["labels"]) + 0.5 * instance_contrastive(v, b["labels"], 0.2)
+    assert float(out.loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert json.loads(json.dumps(a.meta()["head"]))["instance_weight"] == 0.5
+
+
+def a_inputs(a, b):
+    from lmadapt.heads import HeadInputs
+    hidden, _ = a.encode(b["input_ids"], b["attention_mask"])
+    return HeadInputs(hidden, b["attention_mask"], b["input_ids"])
