@@ -138,6 +138,7 @@ class Bench:
         else:
             model, tok = self.load()
             found = run_search(model, tok, t, where, shots=self.a.shots, seed=seed, candidates=self.a.candidates,
+                               score=self.a.word_score,
                                top=self.a.top, lead_tokens=self.a.lead_tokens, beam=self.a.beam,
                                per_step=self.a.per_step, max_length=self.a.max_length, precision=self.a.precision)
         searched_w = found["words"][0]["verbalizer"]
@@ -236,6 +237,8 @@ def main():
     ap.add_argument("--kpt-min-ratio", type=float, default=0.1)
     ap.add_argument("--candidates", type=int, default=10)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--word-score", choices=["likelihood", "ratio"], default="likelihood",
+                    help="label-word candidates by likelihood (LM-BFF) or likelihood ratio (PETAL)")
     ap.add_argument("--lead-tokens", type=int, default=3)
     ap.add_argument("--beam", type=int, default=3)
     ap.add_argument("--per-step", type=int, default=8)
