@@ -50,8 +50,9 @@ def attach(model, method: str | Method, *, task=None, tokenizer=None, slots: int
     kind, head_args = _resolve_head(model, cls, t, head, template, verbalizer, token_score, word_combine,
                                     num_labels, label_names, head_options)
     from .prompting.verbalizer import VERBALIZER_KINDS
+    import dataclasses
     if kind in VERBALIZER_KINDS and isinstance(method, str) and cls is not None and cls.virtual_tokens \
-            and "k" not in method_args:
+            and "k" not in method_args and "k" in {f.name for f in dataclasses.fields(cls)}:
         from .prompting import Template
         n_soft = Template(head_args["template"]).n_soft
         if n_soft:

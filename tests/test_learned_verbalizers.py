@@ -221,3 +221,24 @@ def a_inputs(a, b):
     from lmadapt.heads import HeadInputs
     hidden, _ = a.encode(b["input_ids"], b["attention_mask"])
     return HeadInputs(hidden, b["attention_mask"], b["input_ids"])
+
+
+@pytest.mark.integration
+def test_smollm2_kpt_expansion_and_soft_init():
+    """SmolLM2's BPE: whole words are ' word' tokens; KPT expands SST-2's words with real synonyms
+    and neighbours; the soft head starts at the manual verbalizer's predictions."""
+    model, tok = lmadapt.load("smollm2-135m")
+    words = dict(vocab_words(tok, True))
+    assert "great" in words.values() and "terrible" in words.values()
+    a = lmadapt.attach(model, "none", task="sst2", tokenizer=tok, head="knowledgeable",
+                       head_options={"neighbours": 4, "synonyms": True})
+    got = a.head.verbalizer.to_dict()
+    assert got["negative"][:3] == ["terrible", "bad", "awful"] and got["positive"][:2] == ["great", "good"]
+    assert len(got["negative"]) > 10 and not set(got["negative"]) & set(got["positive"])
+    soft = lmadapt.attach(model, "none", task="sst2", tokenizer=tok, head="soft")
+    manual = lmadapt.attach(model, "none", task="sst2", tokenizer=tok)
+    enc = soft.input_encoder()
+    from lmadapt.data import Example
+    b = enc.collate([enc.classification(Example(text=t)) for t in ("a charming film", "a dull , tedious mess")])
+    with torch.no_grad():
+        torch.testing.assert_close(soft(**b).logits.softmax(-1), manual(**b).logits.softmax(-1), atol=1e-4, rtol=1e-3)

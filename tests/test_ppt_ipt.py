@@ -183,3 +183,18 @@ def test_cli_ppt_then_train_from_it(tiny_dir, tmp_path):
                  "--template", "{text} it was {mask}", "--verbalizer", "neg=bad,pos=good", "--max-steps", "1",
                  "--max-eval", "4", "--ood", "", "--out", str(run), "--no-progress"]) == 0
     assert json.loads((run / "best" / "method.json").read_text())["args"]["init"] == f"pretrained:{out}"
+
+
+def test_ipt_fills_a_templates_soft_slots(decoder):
+    res, _, _ = decoder
+    model, tok = causal()
+    a = lmadapt.attach(model, "ipt", task=TOY_PVP, tokenizer=tok, decoder=res["decoder"],
+                       template="{soft:4} {text} it was {mask}", verbalizer="negative=bad,positive=good")
+    enc = a.input_encoder()
+    b = enc.collate([enc.classification(ex) for ex in TOY_PVP.load("dev")[:2]])
+    assert (b["input_ids"] == -1).sum() == 8                          # 4 slots per row, filled in place
+    with torch.no_grad():
+        assert a(**b).logits.shape == (2, 2)
+    with pytest.raises(ValueError, match="has 3 soft tokens but method 'ipt' has k=4"):
+        lmadapt.attach(causal()[0], "ipt", task=TOY_PVP, tokenizer=tok, decoder=res["decoder"],
+                       template="{soft:3} {text} it was {mask}", verbalizer="negative=bad,positive=good")
