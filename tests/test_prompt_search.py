@@ -103,9 +103,10 @@ def test_cli_prompt_search_writes_what_train_takes(tiny_dir, tmp_path):
     out = tmp_path / "search"
     assert main(["prompt-search", "--model", str(tiny_dir), *files, "--template", "{text} it was {mask}",
                  "--shots", "2", "--candidates", "3", "--top", "4", "--lead-tokens", "1", "--per-step", "2",
-                 "--kpt", "--kpt-unlabeled", "8", "--out", str(out)]) == 0
+                 "--triggers", "1", "--trigger-iters", "1", "--kpt", "--kpt-unlabeled", "8", "--out", str(out)]) == 0
     res = json.loads((out / "search.json").read_text())
     assert len(res["words"]) <= 4 and res["templates"]
+    assert {r["search"] for r in res["templates"]} <= {"generated", "triggers"}
     template = (out / "templates.txt").read_text().splitlines()[0]
     words = (out / "verbalizers.txt").read_text().splitlines()[0]
     assert template == res["templates"][0]["template"] and words == res["words"][0]["verbalizer"]
@@ -113,3 +114,25 @@ def test_cli_prompt_search_writes_what_train_takes(tiny_dir, tmp_path):
         assert main(["train", "--model", str(tiny_dir), *files, "--method", "prompt", "--template", template,
                      "--verbalizer", verbalizer, "--max-steps", "1", "--max-eval", "4", "--out",
                      str(tmp_path / f"run{len(verbalizer)}"), "--no-progress", "--ood", ""]) == 0
+
+
+def test_trigger_search_hotflips_real_words():
+    import lmadapt
+    from lmadapt.prompting.search import search_triggers
+    model, tok = causal()
+    train, dev = few_shot_split(TOY_PVP, 2)
+    words = "negative=bad,positive=good"
+    # the gradient is taken with the triggers as a {soft:3} table of their embeddings: the same input
+    soft = lmadapt.attach(model, "prompt", task=TOY_PVP, tokenizer=tok, template="{text} {soft:3} {mask}", verbalizer=words)
+    plain = lmadapt.attach(model, "none", task=TOY_PVP, tokenizer=tok, template="{text} the movie was {mask}", verbalizer=words)
+    with torch.no_grad():
+        soft.delta.prompt.table[0] = model.get_input_embeddings().weight[ids(tok, " the movie was")]
+        enc_s, enc_p = soft.input_encoder(), plain.input_encoder()
+        ls = soft(**enc_s.collate([enc_s.classification(ex) for ex in train])).logits
+        lp = plain(**enc_p.collate([enc_p.classification(ex) for ex in train])).logits
+    torch.testing.assert_close(ls, lp, atol=1e-5, rtol=1e-5)
+    got = search_triggers(model, tok, TOY_PVP, words, train, dev, triggers=2, iters=3, candidates=3, init_word="the")
+    assert got and all(len(r["template"][len("{text} "):-len(" {mask}")].split()) == 2 for r in got)
+    start = next(r for r in got if r["template"] == "{text} the the {mask}")
+    assert max(r["train_accuracy"] for r in got) >= start["train_accuracy"]
+    assert [r["dev_accuracy"] for r in got] == sorted((r["dev_accuracy"] for r in got), reverse=True)

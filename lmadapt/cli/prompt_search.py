@@ -16,7 +16,7 @@ def cmd_prompt_search(a) -> int:
     res = run_search(model, tok, task, a.out, shots=a.shots, seed=a.seed, data_root=a.data_root,
                      template=unescape(a.template) if a.template else None, verbalizer=a.verbalizer,
                      candidates=a.candidates, top=a.top, score=a.word_score, lead_tokens=a.lead_tokens,
-                     beam=a.beam, per_step=a.per_step, kpt=a.kpt, kpt_unlabeled=a.kpt_unlabeled,
+                     beam=a.beam, per_step=a.per_step, triggers=a.triggers, trigger_iters=a.trigger_iters, kpt=a.kpt, kpt_unlabeled=a.kpt_unlabeled,
                      max_length=a.max_length, batch_size=a.batch_size, precision=a.precision)
     for name, rows, key in (("label words", res["words"], "verbalizer"), ("templates", res["templates"], "template")):
         print(f"{name} (template {res['word_template']!r})" if key == "verbalizer" else
@@ -47,6 +47,9 @@ def register(sub) -> None:
     p.add_argument("--lead-tokens", type=int, default=3, help="template search: words between input and mask (3)")
     p.add_argument("--beam", type=int, default=3, help="template search: beam width (3)")
     p.add_argument("--per-step", type=int, default=8, help="template search: the model's next words tried per beam (8)")
+    p.add_argument("--triggers", type=int, default=0, help="also AutoPrompt-style trigger search: this many "
+                                                           "trigger words before the mask (0: off)")
+    p.add_argument("--trigger-iters", type=int, default=6, help="HotFlip iterations of the trigger search (6)")
     p.add_argument("--kpt", action="store_true", help="also build a knowledgeable verbalizer (expand + refine): "
                                                       "OUT/knowledgeable.json")
     p.add_argument("--kpt-unlabeled", type=int, default=200, help="unlabeled examples for KPT's priors (200)")

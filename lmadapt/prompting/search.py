@@ -22,6 +22,10 @@ label's word normalized over the labels), and a beam of `beam` lead-ins goes on 
 `lead_tokens` words. Every template met is ranked; the `top` are scored on the dev few and ranked
 by dev accuracy. Templates are rendered and encoded exactly as training will (template.py), so
 the ranking is the pattern the model will read.
+
+Trigger search (`search_triggers`, AutoPrompt, Shin et al. 2020): `{text} t_1 .. t_n {mask}` with
+n trigger words found by HotFlip - the gradient with respect to the triggers' embeddings (placed
+as a {soft:n} table holding them) proposes replacements, the labeled-few score decides.
 """
 from __future__ import annotations
 
@@ -150,6 +154,11 @@ def search_templates(model, tok, task, verbalizer, train, dev, *, lead_tokens: i
                 grown.append((*score(t), lead + [w]))
         grown.sort(key=lambda r: (-r[0], -r[1]))
         beams = [g[2] for g in grown[:beam]]
+    return _ranked(seen, model, tok, task, verbalizer, dev, opts, top)
+
+
+def _ranked(seen: dict, model, tok, task, verbalizer, dev, opts, top: int | None = None) -> list[dict]:
+    """Templates by their labeled-few score; the `top` scored on the dev few, ranked by it."""
     ranked = sorted(seen.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
     y_dev = torch.tensor([ex.label for ex in dev]) if dev else None
     out = []
@@ -159,9 +168,61 @@ def search_templates(model, tok, task, verbalizer, train, dev, *, lead_tokens: i
             a = _attach(model, tok, task, template, verbalizer)
             row["dev_accuracy"] = _rank_stats(read_head(a, dev, lambda h, x: h(x), **opts), y_dev)[0]
         out.append(row)
-    if dev:
+    if dev:   # stable: ties keep the labeled-few order
         out.sort(key=lambda r: -r["dev_accuracy"])
     return out
+
+
+def search_triggers(model, tok, task, verbalizer, train, dev, *, triggers: int = 3, iters: int = 6,
+                    candidates: int = 8, top: int = 10, base: str | None = None, init_word: str | None = None,
+                    batch_size: int = 32, max_length: int = 128, precision: str = "auto") -> list[dict]:
+    """AutoPrompt-style trigger search (Shin et al. 2020): `{text} t_1 .. t_n {mask}` with n
+    `triggers` whole-word tokens, found by HotFlip. Each iteration takes position i (round robin),
+    the gradient g_i of the labeled few's loss with respect to that trigger's embedding (the
+    triggers are placed as a {soft:n} prompt table holding their embeddings, so one backward gives
+    all g_i), the `candidates` words w minimizing the first-order change (E_w - E_cur) . g_i, and
+    keeps the best of them by the labeled-few score (accuracy, then the true label's mean
+    log-softmax) if it beats the current triggers. -> every template met, ranked as
+    search_templates ranks (the dev few last)."""
+    from ..api import attach
+    if triggers < 1 or iters < 0 or candidates < 1:
+        raise ValueError("trigger search needs triggers >= 1, iters >= 0 and candidates >= 1")
+    base = base or _base(task)
+    opts = dict(batch_size=batch_size, max_length=max_length, precision=precision)
+    words = vocab_words(tok, True)
+    ids = torch.tensor([i for i, _ in words])
+    E = model.get_input_embeddings().weight.detach()
+    y = torch.tensor([ex.label for ex in train])
+    seen: dict[str, tuple[float, float]] = {}
+
+    def score(lead):
+        t = template_of(base, lead)
+        if t not in seen:
+            a = _attach(model, tok, task, t, verbalizer)
+            seen[t] = _rank_stats(read_head(a, train, lambda h, x: h(x), **opts), y)
+        return seen[t]
+
+    current = [init_word or words[0][1]] * triggers
+    best = score(current)
+    soft = attach(model, "prompt", task=task, tokenizer=tok, head="verbalizer", verbalizer=verbalizer,
+                  template=base + " {soft:%d} {mask}" % triggers)
+    word_id = {w: i for i, w in words}
+    enc = soft.input_encoder(max_length)
+    batch = enc.collate([enc.classification(ex) for ex in train], soft.device)
+    for it in range(iters):
+        i = it % triggers
+        with torch.no_grad():
+            soft.delta.prompt.table[0] = E[[word_id[w] for w in current]].float()
+        soft.eval()
+        soft.zero_grad(set_to_none=True)
+        soft(**batch).loss.backward()
+        g = soft.delta.prompt.table.grad[0, i]                                   # (H,)
+        order = (E[ids].float() @ g.float()).argsort()[:candidates].tolist()      # most negative first
+        tried = [current[:i] + [words[j][1]] + current[i + 1:] for j in order]
+        scored = sorted(((*score(lead), lead) for lead in tried), key=lambda r: (-r[0], -r[1]))
+        if scored and (scored[0][0], scored[0][1]) > best:
+            best, current = (scored[0][0], scored[0][1]), scored[0][2]
+    return _ranked(seen, model, tok, task, verbalizer, dev, opts, top)
 
 
 def few_shot_split(task, shots: int, seed: int = 0, data_root=None):
@@ -177,7 +238,8 @@ def few_shot_split(task, shots: int, seed: int = 0, data_root=None):
 
 def run_search(model, tok, task, out, *, shots: int = 16, seed: int = 0, data_root=None, template: str | None = None,
                verbalizer: str | None = None, candidates: int = 10, top: int = 20, score: str = "likelihood",
-               lead_tokens: int = 3, beam: int = 3, per_step: int = 8, kpt: bool = False, kpt_unlabeled: int = 200,
+               lead_tokens: int = 3, beam: int = 3, per_step: int = 8, triggers: int = 0, trigger_iters: int = 6,
+               kpt: bool = False, kpt_unlabeled: int = 200,
                kpt_neighbours: int = 8, kpt_min_ratio: float = 0.1, max_length: int = 128, batch_size: int = 32,
                precision: str = "auto") -> dict:
     """What `lmadapt prompt-search` does: words for `template` (default: the task's first PVP's),
@@ -203,6 +265,13 @@ def run_search(model, tok, task, out, *, shots: int = 16, seed: int = 0, data_ro
     use_words = verbalizer or words[0]["verbalizer"]
     templates = search_templates(model, tok, t, use_words, train, dev, lead_tokens=lead_tokens, beam=beam,
                                  per_step=per_step, top=top, **opts)
+    if triggers:   # AutoPrompt-style candidates join the generated ones, ranked together by dev accuracy
+        found = search_triggers(model, tok, t, use_words, train, dev, triggers=triggers, iters=trigger_iters,
+                                candidates=per_step, top=top, **opts)
+        have = {r["template"] for r in templates}
+        templates = [r | {"search": "generated"} for r in templates] + \
+            [r | {"search": "triggers"} for r in found if r["template"] not in have]
+        templates.sort(key=lambda r: (-r.get("dev_accuracy", 0.0), -r["train_accuracy"], -r["train_loglik"]))
     result = {"task": t.name, "shots": shots, "seed": seed, "n_train": len(train), "n_dev": len(dev),
               "word_template": template, "words": words, "template_verbalizer": use_words, "templates": templates}
     out = Path(out)
