@@ -9,8 +9,8 @@ and standard deviation over the seeds of test accuracy. Parts (`--parts`):
   embedding neighbours + the shipped synonyms, refined on `--kpt-unlabeled` other train examples)
   vs soft (WARP) vs prototypical (ProtoVerb), one template, method `--method` (lora);
 - templates: the hand-written template vs the searched one (`lmadapt prompt-search`'s: words
-  searched for the hand template, then templates for those words), both with the searched words
-  and with the manual words, same method;
+  searched for the hand template, then templates for those words, generated lead-ins and
+  `--triggers` AutoPrompt triggers ranked together), with the searched and the manual words;
 - ppt: prompt tuning (k = `--k`) from vocabulary init vs from a prompt pre-trained on `--ppt-pairs`
   sentence pairs of `--ppt-docs` (PPT, one pre-training shared by every task and seed);
 - ipt: prompts tuned on the `--ipt-train` tasks (`--ipt-max-train` examples each), an auto-encoder
@@ -27,7 +27,7 @@ Smoke (a tiny random LLaMA with SmolLM2's tokenizer; the figures mean nothing):
     PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --tiny --max-test 16 --shots 2 --seeds 0 \\
         --max-steps 2 --ppt-pairs 12 --ppt-dev-pairs 6 --ppt-steps 2 --ppt-max-docs 50 --ipt-prompt-steps 2 \\
         --ipt-ae-steps 4 --ipt-max-train 8 --ipt-max-eval 4 --ipt-train rte,e2e_nlg --candidates 3 --top 4 \\
-        --lead-tokens 1 --per-step 2 --kpt-unlabeled 16 --out /tmp/b13
+        --lead-tokens 1 --per-step 2 --triggers 2 --trigger-iters 2 --kpt-unlabeled 16 --out /tmp/b13
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class Bench:
         else:
             model, tok = self.load()
             found = run_search(model, tok, t, where, shots=self.a.shots, seed=seed, candidates=self.a.candidates,
-                               score=self.a.word_score,
+                               score=self.a.word_score, triggers=self.a.triggers, trigger_iters=self.a.trigger_iters,
                                top=self.a.top, lead_tokens=self.a.lead_tokens, beam=self.a.beam,
                                per_step=self.a.per_step, max_length=self.a.max_length, precision=self.a.precision)
         searched_w = found["words"][0]["verbalizer"]
@@ -242,6 +242,8 @@ def main():
     ap.add_argument("--lead-tokens", type=int, default=3)
     ap.add_argument("--beam", type=int, default=3)
     ap.add_argument("--per-step", type=int, default=8)
+    ap.add_argument("--triggers", type=int, default=3, help="AutoPrompt-style trigger candidates too (0: off)")
+    ap.add_argument("--trigger-iters", type=int, default=6)
     ap.add_argument("--k", type=int, default=20, help="soft tokens for ppt and ipt (20)")
     ap.add_argument("--ppt-docs", default="imdb,xsum,scitldr")
     ap.add_argument("--ppt-max-docs", type=int, default=2000)
