@@ -24,7 +24,8 @@ def _task(task):
 def attach(model, method: str | Method, *, task=None, tokenizer=None, slots: int = 1,
            num_labels: int | None = None, label_names=None, pooling: str | None = None, layer: int = -1,
            head: str | None = None, template: str | None = None, verbalizer=None, token_score: str = "sum",
-           word_combine: str = "mean", init_seed: int | None = None, **method_args) -> Adapted:
+           word_combine: str = "mean", head_options: dict | None = None, init_seed: int | None = None,
+           **method_args) -> Adapted:
     """Attach a method to a loaded model. With a classification `task` (or `num_labels`) a head is
     added; otherwise the model keeps its LM head (generation tasks). `init_seed` fixes the initial
     weights of the head and the method (a method's own `seed` argument, if any, is separate).
@@ -33,7 +34,11 @@ def attach(model, method: str | Method, *, task=None, tokenizer=None, slots: int
     the template's mask). None picks the verbalizer for a causal LM on a task with default patterns
     (Task.pvps) or when a `template` is given, unless the method is `probe`; else 'linear'. The
     verbalizer's template and verbalizer default to the task's first pattern-verbalizer pair.
-    With a template holding {soft:N} and method 'prompt'/'ptuning', k defaults to N."""
+    With a template holding {soft:N} and method 'prompt'/'ptuning', k defaults to N.
+
+    Learned verbalizers (lmadapt.prompting): head 'knowledgeable' | 'soft' | 'prototypical', or a
+    verbalizer spec with the kind in front ('soft:negative=terrible,positive=great') or a .json head
+    spec (`lmadapt prompt-search` writes them). `head_options`: more arguments of that head."""
     if init_seed is not None:
         torch.manual_seed(init_seed)
     if isinstance(method, Method) and method_args:
@@ -43,9 +48,11 @@ def attach(model, method: str | Method, *, task=None, tokenizer=None, slots: int
         num_labels, label_names = len(t.label_names), list(t.label_names)
     cls = type(method) if isinstance(method, Method) else METHODS.get(method)
     kind, head_args = _resolve_head(model, cls, t, head, template, verbalizer, token_score, word_combine,
-                                    num_labels, label_names)
-    if kind == "verbalizer" and isinstance(method, str) and cls is not None and cls.virtual_tokens \
-            and "k" not in method_args:
+                                    num_labels, label_names, head_options)
+    from .prompting.verbalizer import VERBALIZER_KINDS
+    import dataclasses
+    if kind in VERBALIZER_KINDS and isinstance(method, str) and cls is not None and cls.virtual_tokens \
+            and "k" not in method_args and "k" in {f.name for f in dataclasses.fields(cls)}:
         from .prompting import Template
         n_soft = Template(head_args["template"]).n_soft
         if n_soft:
@@ -56,21 +63,31 @@ def attach(model, method: str | Method, *, task=None, tokenizer=None, slots: int
 
 
 def _resolve_head(model, method_cls, task, head, template, verbalizer, token_score, word_combine,
-                  num_labels, label_names) -> tuple[str, dict]:
+                  num_labels, label_names, head_options=None) -> tuple[str, dict]:
     """-> (head kind, its arguments), with the defaults described in attach()."""
     from .models import is_causal
+    from .prompting.verbalizer import VERBALIZER_KINDS, split_kind
     pvps = getattr(task, "pvps", ()) if task is not None else ()
     frozen = method_cls is not None and method_cls.frozen_features
+    extra = {}
+    if verbalizer is not None:
+        named, verbalizer, extra = split_kind(verbalizer)
+        if named is not None:
+            if head not in (None, "verbalizer", named):
+                raise ValueError(f"--verbalizer names the kind '{named}' but --head is '{head}'; give one of them")
+            head = named
     if head is None:
         prompted = template is not None or (bool(pvps) and is_causal(model))
         head = "verbalizer" if prompted and num_labels and not frozen else "linear"
-    if head != "verbalizer":
+    if head not in VERBALIZER_KINDS:
+        if head_options:
+            raise ValueError(f"head '{head}' takes no head options (got {', '.join(sorted(head_options))})")
         if template is not None or verbalizer is not None:
             raise ValueError(f"template/verbalizer belong to the verbalizer head, not head '{head}'; "
                              "pass head='verbalizer' (--head verbalizer)")
         return head, {}
     if not num_labels:
-        raise ValueError("the verbalizer head classifies: attach with a classification task (task=...) or "
+        raise ValueError(f"the {head} head classifies: attach with a classification task (task=...) or "
                          "label_names=[...]")
     if template is None:
         if not pvps:
@@ -81,8 +98,8 @@ def _resolve_head(model, method_cls, task, head, template, verbalizer, token_sco
     if verbalizer is None:
         from .prompting import Verbalizer
         verbalizer = pvps[0][1] if pvps else Verbalizer.from_label_names(label_names).spec()
-    return "verbalizer", {"template": template, "verbalizer": verbalizer, "token_score": token_score,
-                          "word_combine": word_combine}
+    return head, {"template": template, "verbalizer": verbalizer, "token_score": token_score,
+                  "word_combine": word_combine} | extra | dict(head_options or {})
 
 
 def load_adapted(directory, model=None, tokenizer=None, slots: int = 1) -> Adapted:
@@ -102,10 +119,18 @@ def load_adapted(directory, model=None, tokenizer=None, slots: int = 1) -> Adapt
     head = meta["head"]
     head_args = {k: v for k, v in head.items() if k not in ("num_labels", "label_names", "pooling", "layer", "kind")}
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()}
-    adapted = Adapted(model, get_method(meta["method"], **args), slots=slots,
+    method = get_method(meta["method"], **args)
+    build = method
+    if str(args.get("init", "")).startswith("pretrained:"):
+        # A pre-trained init (PPT) is not read again: the artifact's own table replaces it, so the
+        # folder it came from need not exist any more. method.json keeps where it came from.
+        import dataclasses
+        build = dataclasses.replace(method, init="random")
+    adapted = Adapted(model, build, slots=slots,
                       num_labels=head["num_labels"], label_names=head["label_names"],
                       pooling=head["pooling"], layer=head["layer"], head=head["kind"], head_args=head_args,
                       tokenizer=tokenizer)
+    adapted.method = method
     adapted.load_state(state, 0)
     adapted.init = meta.get("init")
     adapted.eval()

@@ -10,6 +10,9 @@
   token (what DPO and PPO sum or weight per sequence).
 - alignment: `bradley_terry` (reward model), `dpo_loss`, `per_token_kl`, `gae`, `whiten`,
   `ppo_policy_loss`, `ppo_value_loss` (clipped), `entropy_from_logits`, `masked_mean`.
+- `prototype_contrastive`, `instance_contrastive`: ProtoVerb's losses (Cui et al. 2022) over the
+  prototypical verbalizer's similarities and mask embeddings (prompting/learned.py).
+- `prompt_reconstruction`: intrinsic prompt tuning's auto-encoder reconstruction term (IPT).
 
 Losses run in float32 whatever the autocast dtype: softmaxes are where bf16 rounding hurts most.
 """
@@ -36,6 +39,57 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     log_p = F.log_softmax(student.float() / temperature, -1)
     log_q = F.log_softmax(teacher.float() / temperature, -1)
     return (log_q.exp() * (log_q - log_p)).sum(-1).mean() * temperature ** 2
+
+
+def prototype_contrastive(sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ProtoVerb's instance-prototype loss in both directions, sim (B, C) = cos(v_i, p_c) / tau:
+
+        instance -> prototype: mean_i  -log softmax_c(sim[i])[y_i]         (a cross-entropy)
+        prototype -> instance: mean over the classes c in the batch of
+                               mean_{i: y_i = c} -log softmax_i(sim[:, c])[i]
+
+    The second term pulls each prototype towards its own instances against the batch's others.
+    By hand: sim = [[1, 0], [0, 1]], labels [0, 1]: every softmax is e / (e + 1), so each term is
+    log(1 + 1/e) = 0.313262 and the loss 0.626523; sim = 0 (B = C = 2): log 2 + log 2 = 1.386294."""
+    sim = sim.float()
+    to_proto = F.cross_entropy(sim, labels)
+    col = sim.log_softmax(0)                                           # (B, C) softmax over instances
+    own = F.one_hot(labels, sim.shape[1]).to(sim.dtype)                 # (B, C)
+    count = own.sum(0)                                                 # (C,) instances per class
+    present = count > 0
+    per_class = -(col * own).sum(0)[present] / count[present]
+    return to_proto + per_class.mean()
+
+
+def instance_contrastive(emb: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss between instances (ProtoVerb's instance-instance term):
+    z = emb / |emb|, s_ij = z_i . z_j / T; for an anchor i with positives P(i) (same label, j != i)
+
+        l_i = -1/|P(i)| sum_{p in P(i)} log( exp(s_ip) / sum_{a != i} exp(s_ia) )
+
+    averaged over the anchors that have a positive (0 when none has). By hand, T = 1:
+    emb = [[1, 0], [1, 0], [0, 1]], labels [0, 0, 1]: anchors 0 and 1 each see s = 1 (positive) and
+    0, so l = log(1 + 1/e) = 0.313262; anchor 2 has no positive: the loss is 0.313262.
+    emb = [[1, 0], [1, 0], [0, 1], [0, 1]], labels [0, 0, 1, 1]: l_i = log(1 + 2/e) = 0.551445."""
+    if temperature <= 0:
+        raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
+    z = F.normalize(emb.float(), dim=-1)
+    s = z @ z.T / temperature                                           # (B, B)
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_p = s.masked_fill(eye, float("-inf")).log_softmax(-1)           # over a != i
+    pos = (labels[:, None] == labels[None, :]) & ~eye                   # (B, B)
+    n_pos = pos.sum(1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return emb.sum() * 0.0
+    per_anchor = -(log_p.masked_fill(~pos, 0.0)).sum(1)[has] / n_pos[has]
+    return per_anchor.mean()
+
+
+def prompt_reconstruction(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between decoded and original soft prompts, (.., k, H) each: IPT's
+    reconstruction term. By hand: decoded [[1, 2]], target [[0, 0]]: (1 + 4) / 2 = 2.5."""
+    return F.mse_loss(decoded.float(), target.float())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -19,6 +19,9 @@ import lmadapt
 from lmadapt.methods import METHODS
 from conftest import ARCHS, make_model, make_tokenizer
 
+# ipt needs a fitted prompt decoder (decoder=DIR): its invariants are in test_ppt_ipt.py
+BUILDABLE = sorted(set(METHODS) - {"ipt"})
+
 IDENTITY_AT_INIT = {"lora", "adapter", "bitfit", "intrinsic", "ladder"}
 TEXTS = ["the movie was good", "bad plot", "it was a very fun film and the actor was great"]
 
@@ -30,7 +33,7 @@ def _attach(method, arch, **kw):
     return lmadapt.attach(base, method, tokenizer=tok, **kw), pristine, tok
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", BUILDABLE)
 def test_what_cannot_apply_refuses(method):
     """No LM head, nothing to generate with: an encoder without num_labels, and probe (a head on
     frozen features) without a classification task."""
@@ -60,7 +63,7 @@ def _out(a, x, **kw):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", BUILDABLE)
 def test_step_leaves_base_untouched(method, arch):
     """Every parameter the base model had before attach (not only those that are frozen now)."""
     tok = make_tokenizer("encoder" if arch == "bert" else "causal")
@@ -87,7 +90,7 @@ def test_step_leaves_base_untouched(method, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", BUILDABLE)
 def test_save_load_same_outputs(method, arch, tmp_path):
     a, pristine, tok = _attach(method, arch, **_labels_kw(arch))
     _randomize(a)
@@ -98,7 +101,7 @@ def test_save_load_same_outputs(method, arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", sorted(m for m, c in METHODS.items() if c.supports_slots))
+@pytest.mark.parametrize("method", sorted(m for m in BUILDABLE if METHODS[m].supports_slots))
 def test_mixed_slots_equal_rows_alone(method, arch):
     a, _, tok = _attach(method, arch, slots=3, **_labels_kw(arch))
     _randomize(a, seed=1)
@@ -125,7 +128,7 @@ def test_identity_at_init(method, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "probe"))
+@pytest.mark.parametrize("method", sorted(m for m in BUILDABLE if m != "probe"))
 def test_generate_left_padded_equals_rows_alone(method, arch):
     """KV-cache decoding with the method in place; explicit positions make a left-padded batch
     decode exactly like each row alone."""

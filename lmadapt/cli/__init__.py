@@ -19,6 +19,7 @@ EXIT_USAGE = 2
 COMMANDS = [
     "train", "evaluate", "pet", "icl", "cot", "instruct", "predict",
     "sft", "reward", "dpo", "ppo",
+    "prompt_search", "ppt",
     "compare", "report",
     "listing",
 ]

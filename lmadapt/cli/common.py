@@ -66,7 +66,8 @@ def head_args(a) -> dict:
                          "`lmadapt pet` take; give one of each")
     return {"head": a.head, "template": unescape(templates[0]) if templates else None,
             "verbalizer": verbalizers[0] if verbalizers else None,
-            "token_score": a.token_score, "word_combine": a.word_combine}
+            "token_score": a.token_score, "word_combine": a.word_combine,
+            "head_options": parse_method_args(getattr(a, "head_args", None)) or None}
 
 
 def data_args(sp, train_file=True):
@@ -82,14 +83,19 @@ def data_args(sp, train_file=True):
     sp.add_argument("--label-col", help="column holding the label")
 
 def prompt_args(sp, many=False):
-    sp.add_argument("--head", choices=["linear", "mlp", "verbalizer"],
+    sp.add_argument("--head", choices=["linear", "mlp", "verbalizer", "knowledgeable", "soft", "prototypical"],
                     help="classification head; default: verbalizer for a causal LM on a task with default "
-                         "patterns (not with probe), else linear")
+                         "patterns (not with probe), else linear. knowledgeable (KPT), soft (WARP), "
+                         "prototypical (ProtoVerb): learned verbalizers, see docs/methods.md")
+    sp.add_argument("--head-args", help="k=v,... more arguments of the head, e.g. neighbours=8,synonyms=true "
+                                        "(knowledgeable), dim=64,temperature=0.1 (prototypical)")
     more = " (repeat it: an ensemble over every template x verbalizer)" if many else ""
     sp.add_argument("--template", action="append", help="verbalizer head's pattern, e.g. "
                     "'{text} It was {mask}.' (fields {text} {text_pair} {mask} {soft:N}; \\n = newline)" + more)
     sp.add_argument("--verbalizer", action="append", help="label words, e.g. "
-                    "'negative=terrible|bad,positive=great|good' (default: the task's)" + more)
+                    "'negative=terrible|bad,positive=great|good' (default: the task's); a kind in front "
+                    "picks a learned verbalizer ('soft:negative=terrible,positive=great', kpt:, proto:), "
+                    "a .json file is a head spec written by `lmadapt prompt-search`" + more)
     sp.add_argument("--token-score", choices=["sum", "mean"], default="sum",
                     help="multi-token word: sum (its log-prob) or mean of its token log-probs (sum)")
     sp.add_argument("--word-combine", choices=["mean", "logsumexp"], default="mean",

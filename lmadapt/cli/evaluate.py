@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import DEFAULT_MODEL, task_from_args, load_run, unescape, data_args, prompt_args, common_args
+from .common import DEFAULT_MODEL, parse_method_args, task_from_args, load_run, unescape, data_args, prompt_args, common_args
 
 
 def cmd_eval(a) -> int:
@@ -26,14 +26,16 @@ def cmd_eval(a) -> int:
                              "--verbalizer and --patterns are for zero-shot evaluation without --run")
         adapted = load_run(a.run)
     else:  # zero-shot: the base model as it is, the LM head classifies
-        if (a.head or "verbalizer") != "verbalizer":
-            raise ValueError("without --run nothing is trained: zero-shot evaluation needs --head verbalizer")
+        if (a.head or "verbalizer") not in ("verbalizer", "knowledgeable"):
+            raise ValueError("without --run nothing is trained: zero-shot evaluation needs --head verbalizer "
+                             "(or knowledgeable)")
         model, tok = lmadapt.load(a.model)
         # the head to start from; an ensemble swaps in each member's (prompting.ensemble.use_pvp)
         one = {"template": templates[0] if templates else None,
                "verbalizer": verbalizers[0] if verbalizers else None}
-        adapted = lmadapt.attach(model, "none", task=task, tokenizer=tok, head="verbalizer",
-                                 token_score=a.token_score, word_combine=a.word_combine, **one)
+        adapted = lmadapt.attach(model, "none", task=task, tokenizer=tok, head=a.head or "verbalizer",
+                                 token_score=a.token_score, word_combine=a.word_combine,
+                                 head_options=parse_method_args(a.head_args) or None, **one)
     examples = task.load(a.split, a.data_root)
     opts = dict(batch_size=a.batch_size, precision=a.precision, progress=not a.no_progress)
     extra = {"calibrated": bool(a.calibrate)}

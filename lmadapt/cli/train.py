@@ -37,6 +37,8 @@ def cmd_train(a) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     method_args = parse_method_args(a.method_args)
+    if a.init is not None:   # --init pretrained:DIR (PPT) is the prompt method's init argument
+        method_args["init"] = a.init
     lmadapt.get_method(a.method, **method_args)  # bad method arguments fail before the model loads
     model, tok = lmadapt.load(a.model)
     adapted = lmadapt.attach(model, a.method, task=task, tokenizer=tok, pooling=a.pooling, layer=a.layer,
@@ -88,6 +90,8 @@ def register(sub) -> None:
     train_options(t)
     t.add_argument("--method", default="probe", help="see `lmadapt methods` (default probe)")
     t.add_argument("--method-args", help="k=v,... e.g. r=8,alpha=16,targets=q_proj+v_proj")
+    t.add_argument("--init", help="the method's init argument, e.g. --method prompt --init pretrained:DIR "
+                                  "(a prompt pre-trained by `lmadapt ppt`)")
     t.add_argument("--shots", default="full", help="examples per class (k-shot, class-balanced) or 'full'")
     t.add_argument("--seed", type=int, default=0, help="seeds the data order, k-shot sample and initial weights (0)")
     t.add_argument("--out", required=True, help="run folder")

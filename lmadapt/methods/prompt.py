@@ -121,8 +121,16 @@ class PromptEncoder(nn.Module):
 
 def initial_prompt(adapted, k: int, init: str, seed: int, method: str) -> torch.Tensor:
     """(k, H) starting table: embeddings of random vocabulary tokens, of the label words (cycled
-    to fill k), or normal noise with the embedding matrix's std."""
+    to fill k), normal noise with the embedding matrix's std, or a pre-trained prompt
+    ('pretrained:DIR', PPT: lmadapt.prompting.ppt)."""
     emb = adapted.model.get_input_embeddings().weight       # (V, H), frozen
+    if init.startswith("pretrained:"):
+        from ..prompting.ppt import pretrained_table
+        table = pretrained_table(init, adapted.model)
+        if table.shape != (k, emb.shape[1]):
+            raise ValueError(f"method '{method}': the pre-trained prompt in {init[len('pretrained:'):]} is "
+                             f"{tuple(table.shape)} (k, H), this one is ({k}, {emb.shape[1]}); set k={table.shape[0]}")
+        return table.to(emb.device).clone()
     g = torch.Generator().manual_seed(seed)
     if init == "vocab":   # uniform over the vocabulary, as PEFT's SAMPLE_VOCAB
         ids = torch.randint(emb.shape[0], (k,), generator=g)
@@ -147,7 +155,7 @@ def initial_prompt(adapted, k: int, init: str, seed: int, method: str) -> torch.
 class Prompt(Method):
     name = "prompt"
     virtual_tokens = True
-    summary = "prompt tuning: k soft tokens prepended to the input; init vocab|labels|random"
+    summary = "prompt tuning: k soft tokens prepended to the input; init vocab|labels|random|pretrained:DIR"
     default_lr = 3e-2        # soft prompts need a high lr (Lester et al. used 0.3 with Adafactor)
     default_epochs = 3.0
     k: int = 20
@@ -156,7 +164,8 @@ class Prompt(Method):
 
     def __post_init__(self):
         self._check(self.k >= 1, "k", f"must be >= 1, got {self.k}")
-        self._check(self.init in INITS, "init", f"must be one of: {', '.join(INITS)}; got '{self.init}'")
+        self._check(self.init in INITS or self.init.startswith("pretrained:"), "init",
+                    f"must be one of: {', '.join(INITS)}, or pretrained:DIR (PPT); got '{self.init}'")
 
     def inject(self, adapted) -> None:
         table = initial_prompt(adapted, self.k, self.init, self.seed, self.name)

@@ -59,7 +59,11 @@ def use_pvp(adapted, template: str, verbalizer, calibrate: bool = False, precisi
     old = adapted.head
     if not isinstance(old, VerbalizerHead):
         raise ValueError("PVP ensembles need the verbalizer head (attach with head='verbalizer')")
-    adapted.head = VerbalizerHead(adapted, template, verbalizer, old.token_score, old.word_combine)
+    from ..heads import build_head
+    from .verbalizer import split_kind
+    kind, words, extra = split_kind(verbalizer)    # 'kpt:...' or a .json spec: that kind of member
+    adapted.head = build_head(adapted, kind or "verbalizer", template=template, verbalizer=words,
+                              token_score=old.token_score, word_combine=old.word_combine, **extra)
     try:
         if calibrate:
             calibrate_head(adapted, precision=precision)

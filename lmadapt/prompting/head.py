@@ -112,8 +112,8 @@ class VerbalizerHead(nn.Module):
             w = next(self._lm.parameters())
             return torch.log_softmax(self._lm(h.to(w.dtype)).float(), -1)
 
-    def word_scores(self, x: HeadInputs) -> torch.Tensor:
-        """(B, W) log p(word | input), summed (or averaged) over the word's tokens."""
+    def mask_hidden(self, x: HeadInputs) -> torch.Tensor:
+        """(B, H): the hidden state where the label word is predicted, one position per row."""
         B = x.hidden.shape[0]
         if self.causal:
             read = last_real(x.mask)                                   # (B,) the next-token position
@@ -123,8 +123,16 @@ class VerbalizerHead(nn.Module):
                 raise ValueError("an input row holds no [MASK] token: encode inputs with the head's template "
                                  "(adapted.input_encoder())")
             read = is_mask.int().argmax(1)                             # (B,) first [MASK]
-        h = x.hidden[torch.arange(B, device=read.device), read]        # (B, H): one position per row
-        at_mask = self._log_probs(h)                                   # (B, V)
+        return x.hidden[torch.arange(B, device=read.device), read]     # (B, H): one position per row
+
+    def vocab_log_probs(self, x: HeadInputs) -> torch.Tensor:
+        """(B, V) log p(token | input) at the mask: what label-word search ranks words by."""
+        return self._log_probs(self.mask_hidden(x))
+
+    def word_scores(self, x: HeadInputs) -> torch.Tensor:
+        """(B, W) log p(word | input), summed (or averaged) over the word's tokens."""
+        B = x.hidden.shape[0]
+        at_mask = self._log_probs(self.mask_hidden(x))                # (B, V)
         words = at_mask[:, self.first]                                 # (B, W)
         if self.needs_cache:  # causal: the word's later tokens, each after the ones before it
             cont = self._log_probs(x.extend(self.rest_in))             # (B, M, L, V)
@@ -144,9 +152,13 @@ class VerbalizerHead(nn.Module):
             scores = (words * self.label_valid).sum(-1) / self.label_valid.sum(-1)
         else:
             scores = words.masked_fill(~self.label_valid, float("-inf")).logsumexp(-1)
+        return self.calibrate_scores(scores)                           # (B, C)
+
+    def calibrate_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Contextual calibration, when set: log softmax(scores) - log p_cf of the row's slot."""
         if self.calibrated:
             scores = scores.log_softmax(-1) - self.slots.pick(self.calibration)
-        return scores                                                   # (B, C)
+        return scores
 
     def config(self, slot: int = 0) -> dict:
         return {"template": self.template.text, "verbalizer": self.verbalizer.to_dict(),
@@ -191,3 +203,31 @@ def calibrate(adapted, content_free=CONTENT_FREE, precision: str = "fp32") -> to
         adapted.train(was_training)
     head.calibrated = True
     return head.calibration.clone()
+
+
+@torch.no_grad()
+def read_head(adapted, examples, read, *, batch_size: int = 32, max_length: int = 128,
+              precision: str = "auto") -> torch.Tensor:
+    """Run `examples` through the model and the head's template and stack read(head, HeadInputs)
+    per batch: e.g. `VerbalizerHead.word_scores` (N, W) or `vocab_log_probs` (N, V). In order."""
+    from ..precision import autocast
+    head = adapted.head
+    enc = adapted.input_encoder(max_length)
+    feats = [enc.classification(ex) for ex in examples]
+    for f in feats:
+        f.pop("labels", None)
+    was_training = adapted.training
+    adapted.eval()
+    out = []
+    try:
+        with autocast(precision, adapted.device):
+            for i in range(0, len(feats), batch_size):
+                b = enc.collate(feats[i:i + batch_size], adapted.device)
+                hidden, cache = adapted.encode(b["input_ids"], b["attention_mask"], use_cache=head.needs_cache,
+                                               token_type_ids=b.get("token_type_ids"))
+                mask = b["attention_mask"][:, -hidden.shape[1]:]
+                extend = (lambda ids, c=cache, m=mask: adapted._extend(c, m, ids)) if head.needs_cache else None
+                out.append(read(head, HeadInputs(hidden, mask, b["input_ids"], extend)).float().cpu())
+    finally:
+        adapted.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)

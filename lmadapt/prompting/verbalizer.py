@@ -88,3 +88,64 @@ def word_token_ids(tokenizer, verbalizer: Verbalizer, space: bool) -> list[list[
                              "tokenizes to the unknown token); choose another word")
         out.append(list(ids))
     return out
+
+
+# The verbalizer-family heads: they read the mask through a template and start from label words.
+VERBALIZER_KINDS = ("verbalizer", "knowledgeable", "soft", "prototypical")
+
+# `--verbalizer KIND:label=word,...` picks a learned verbalizer (a head kind, lmadapt.heads.HEADS)
+KIND_ALIASES = {"manual": "verbalizer", "verbalizer": "verbalizer", "kpt": "knowledgeable",
+                "knowledgeable": "knowledgeable", "soft": "soft", "warp": "soft", "proto": "prototypical",
+                "protoverb": "prototypical", "prototypical": "prototypical"}
+
+
+def split_kind(spec) -> tuple[str | None, object, dict]:
+    """A verbalizer spec -> (head kind or None, the words' spec, more head arguments).
+
+    - 'soft:negative=terrible,positive=great' -> ('soft', 'negative=terrible,positive=great', {})
+      (kinds: manual, kpt | knowledgeable, soft | warp, proto | prototypical);
+    - 'DIR/knowledgeable.json' (as `lmadapt prompt-search` writes): {"kind": ..., "verbalizer":
+      ..., other head arguments} -> (kind, verbalizer, the others);
+    - anything else -> (None, spec, {})."""
+    if isinstance(spec, str) and spec.strip().endswith(".json"):
+        from pathlib import Path
+        from ..atomic import read_json_file
+        path = Path(spec.strip())
+        if not path.exists():
+            raise ValueError(f"--verbalizer {spec}: no such file (a .json verbalizer is a head spec as "
+                             "`lmadapt prompt-search` writes it)")
+        data = read_json_file(path, "write it again with `lmadapt prompt-search`")
+        if not isinstance(data, dict) or "verbalizer" not in data:
+            raise ValueError(f"{path}: a verbalizer file is a JSON object with 'verbalizer' (label -> words) "
+                             "and optionally 'kind' and the head's other arguments")
+        data = dict(data)
+        kind = KIND_ALIASES.get(str(data.pop("kind", "verbalizer")))
+        if kind is None:
+            raise ValueError(f"{path}: unknown verbalizer kind; choose one of: {', '.join(sorted(KIND_ALIASES))}")
+        return kind, data.pop("verbalizer"), data
+    if isinstance(spec, str) and ":" in spec:
+        head, rest = spec.split(":", 1)
+        if "=" not in head and head.strip().lower() in KIND_ALIASES:
+            return KIND_ALIASES[head.strip().lower()], rest, {}
+        if "=" not in head:
+            raise ValueError(f"verbalizer {spec!r}: unknown kind '{head}'; choose one of: "
+                             f"{', '.join(sorted(KIND_ALIASES))} (e.g. soft:negative=terrible,positive=great)")
+    return None, spec, {}
+
+
+_VOCAB_WORDS: dict = {}
+
+
+def vocab_words(tokenizer, space: bool) -> list[tuple[int, str]]:
+    """(token id, word) for every vocabulary token that is a whole alphabetic word on its own:
+    `(' ' if space else '') + word` tokenizes to exactly that one token. The candidates of label-word
+    search and of embedding-neighbour expansion (cached per tokenizer)."""
+    key = (id(tokenizer), len(tokenizer), space)
+    if key not in _VOCAB_WORDS:
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        ids = [i for i in range(len(tokenizer)) if i not in special]
+        texts = [t.strip() for t in tokenizer.batch_decode([[i] for i in ids])]
+        keep = [(i, t) for i, t in zip(ids, texts) if t.isalpha()]
+        enc = tokenizer([(" " if space else "") + t for _, t in keep], add_special_tokens=False)["input_ids"]
+        _VOCAB_WORDS[key] = [(i, t) for (i, t), e in zip(keep, enc) if list(e) == [i]]
+    return _VOCAB_WORDS[key]

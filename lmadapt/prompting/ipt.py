@@ -1,0 +1,172 @@
+"""Intrinsic prompt tuning (IPT, Qin et al. 2021): a shared low-dimensional task subspace for soft
+prompts. (Different from the `intrinsic` method: that is a random projection of all weights,
+SAID-style; here the subspace is LEARNED, from many tasks' prompts, and only prompts live in it.)
+
+1. Prompts per training task (`train_prompts`): ordinary prompt tuning, k soft tokens, one run
+   per task (classification through the verbalizer head, generation through the LM loss).
+2. Multi-task subspace finding (`fit_autoencoder`): an auto-encoder over the flattened prompts,
+
+       z = Proj(P) = W_down vec(P) + b           (k*H -> d, e.g. d = 5)
+       P^ = Proj_b(z) = W_2 tanh(W_1 z + b_1) + b_2  (d -> k*H, IPT's two-layer back-projection)
+
+   trained with the reconstruction loss (objectives.prompt_reconstruction, weight `recon_weight`)
+   PLUS each task's own loss with the decoded prompt P^ in place of P - so the subspace keeps
+   what the tasks need, not only what the prompts look like. One flat loop: step t takes task
+   t mod n and a batch of it; the training tasks' prompts are fixed, only the AE trains.
+   OUT/decoder/ holds the AE (decoder.safetensors), the training tasks' codes z_i and
+   decoder.json (k, H, d, tasks, the base model's fingerprint, the final reconstruction error).
+3. Intrinsic subspace tuning: the `ipt` method (methods/ipt.py) trains only z (d numbers) for an
+   unseen task; the frozen Proj_b turns it into the soft prompt. Its artifact is z plus the
+   decoder's path and sha256 (method.json), checked when it loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..objectives import prompt_reconstruction
+
+DECODER_FILE, DECODER_META = "decoder.safetensors", "decoder.json"
+
+
+class PromptAutoEncoder(nn.Module):
+    def __init__(self, k: int, hidden_size: int, d: int, width: int = 256):
+        super().__init__()
+        self.k, self.hidden_size, self.d = k, hidden_size, d
+        self.down = nn.Linear(k * hidden_size, d)                                  # Proj
+        self.up = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, k * hidden_size))   # Proj_b
+
+    def encode(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.down(prompt.flatten(-2))                                       # (.., k, H) -> (.., d)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.up(z).unflatten(-1, (self.k, self.hidden_size))                # (.., d) -> (.., k, H)
+
+
+class DecodedPrompt(nn.Module):
+    """adapted.delta while the AE trains: the virtual tokens are decode(encode(P)), P fixed."""
+
+    def __init__(self, ae: PromptAutoEncoder, prompt: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "ae", ae)          # shared by every task: not a submodule of each
+        self.register_buffer("prompt", prompt.detach().float(), persistent=False)   # (k, H)
+
+    def virtual_tokens(self, batch_size: int) -> torch.Tensor:
+        return self.ae.decode(self.ae.encode(self.prompt)).expand(batch_size, -1, -1)   # (B, k, H)
+
+
+def sha256_of(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train: int | None = 500, seed: int = 0,
+                  data_root=None, **train_config) -> dict[str, torch.Tensor]:
+    """Prompt tuning on each task (OUT/prompts/NAME, skipped when already there); -> name -> (k, H)."""
+    from ..adapted import read_artifact
+    from ..api import attach, train
+    from ..api import _task
+    prompts = {}
+    for task in tasks:
+        t = _task(task)
+        run = Path(out) / "prompts" / t.name
+        if not (run / "best" / "method.json").exists():
+            a = attach(model, "prompt", task=t, tokenizer=tok, k=k, seed=seed, init_seed=seed)
+            train(a, t, shots=shots, max_train=max_train, seed=seed, data_root=data_root, out=run, ood=[],
+                  **train_config)
+        prompts[t.name] = read_artifact(run / "best")[1]["delta.prompt.table"].float()
+    return prompts
+
+
+def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *, d: int = 5, width: int = 256,
+                    steps: int = 500, lr: float = 1e-3, recon_weight: float = 1.0, batch_size: int = 8,
+                    max_train: int = 500, max_length: int = 128, seed: int = 0, data_root=None,
+                    precision: str = "auto", progress: bool = False) -> dict:
+    """Step 2 above for `tasks` (Task objects or names; prompts: task name -> (k, H)); writes
+    OUT/decoder/. -> {'decoder': path, 'sha256', 'recon_mse': per task, 'history'}."""
+    from ..api import _task, attach
+    from ..atomic import write_dir
+    from ..batching import is_classification
+    from ..data import subsample
+    from ..models import fingerprint
+    from ..precision import autocast, resolve
+    from safetensors.torch import save_file
+    tasks = [_task(t) for t in tasks]
+    missing = [t.name for t in tasks if t.name not in prompts]
+    if not tasks or missing:
+        raise ValueError(f"fit_autoencoder needs a prompt for every training task; none for {', '.join(missing) or '(no tasks)'}")
+    prompts = {t.name: prompts[t.name] for t in tasks}
+    shapes = {tuple(p.shape) for p in prompts.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"the tasks' prompts differ in shape ({sorted(shapes)}): train them with the same k")
+    (k, H), = shapes
+    torch.manual_seed(seed)
+    device = model.device
+    ae = PromptAutoEncoder(k, H, d, width).to(device)
+    members = []
+    for t in tasks:
+        name, P = t.name, prompts[t.name]
+        a = attach(model, "prompt", task=t, tokenizer=tok, k=k)
+        a.delta = DecodedPrompt(ae, P.to(device))
+        enc = a.input_encoder(max_length)
+        exs = subsample(t.load("train", data_root), max_train, seed=seed)
+        feats = [enc.encode(t, ex) for ex in exs]
+        members.append((name, a, enc, feats, P.to(device), is_classification(t)))
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr)
+    precision = resolve(precision, device)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    from tqdm.auto import tqdm
+    for step in tqdm(range(steps), disable=not progress, desc="ipt auto-encoder"):
+        name, a, enc, feats, P, _ = members[step % len(members)]
+        a.train()
+        idx = torch.randint(len(feats), (batch_size,), generator=g).tolist()
+        batch = enc.collate([feats[i] for i in idx], device)
+        with autocast(precision, device):
+            task_loss = a(**batch).loss
+        recon = prompt_reconstruction(ae.decode(ae.encode(P)), P)
+        loss = task_loss.float() + recon_weight * recon
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append({"step": step + 1, "task": name, "task_loss": float(task_loss.detach()),
+                        "recon": float(recon.detach())})
+    ae.eval()
+    with torch.no_grad():
+        codes = torch.stack([ae.encode(P) for *_, P, _ in members])                   # (n, d)
+        recon = {m[0]: float(prompt_reconstruction(ae.decode(c), m[4])) for m, c in zip(members, codes)}
+    meta = {"k": k, "hidden_size": H, "d": d, "width": width, "tasks": list(prompts), "recon_mse": recon,
+            "recon_weight": recon_weight, "steps": steps, "base_model": fingerprint(model)}
+    state = {f"ae.{n}": p.detach().contiguous().cpu() for n, p in ae.state_dict().items()}
+    state["codes"] = codes.detach().contiguous().cpu()
+
+    def write(tmp: Path):
+        save_file(state, str(tmp / DECODER_FILE))
+        (tmp / DECODER_META).write_text(json.dumps(meta, indent=2))
+    directory = Path(out) / "decoder"
+    write_dir(directory, write)
+    return {"decoder": str(directory), "sha256": sha256_of(directory / DECODER_FILE), "recon_mse": recon,
+            "history": history}
+
+
+def load_decoder(directory) -> tuple[PromptAutoEncoder, dict, torch.Tensor]:
+    """-> (the auto-encoder, frozen; decoder.json; the training tasks' codes (n, d))."""
+    from ..atomic import read_json_file, read_safetensors
+    directory = Path(directory)
+    if not (directory / DECODER_FILE).exists():
+        raise FileNotFoundError(f"{directory}: no {DECODER_FILE}; an IPT decoder folder is what "
+                                "lmadapt.prompting.ipt.fit_autoencoder writes (OUT/decoder)")
+    meta = read_json_file(directory / DECODER_META, "fit the auto-encoder again")
+    state = read_safetensors(directory / DECODER_FILE, "fit the auto-encoder again")
+    ae = PromptAutoEncoder(meta["k"], meta["hidden_size"], meta["d"], meta["width"])
+    ae.load_state_dict({n[len("ae."):]: v for n, v in state.items() if n.startswith("ae.")})
+    for p in ae.parameters():
+        p.requires_grad_(False)
+    return ae.eval(), meta, state["codes"]
