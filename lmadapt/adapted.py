@@ -346,8 +346,10 @@ def read_artifact(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     return meta, read_safetensors(weights, fix)
 
 
-def check_base(meta: dict, model, where: str) -> None:
-    want, have = meta["base_model"], fingerprint(model)
+def check_base(meta: dict, model, where: str, have: dict | None = None) -> None:
+    """`have`: the model's fingerprint taken before methods were injected (serve.Bank's tables add
+    parameters that would change it), else taken now."""
+    want, have = meta["base_model"], have or fingerprint(model)
     diff = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "embedding_checksum")
             if want.get(k) != have.get(k)]
     if diff:

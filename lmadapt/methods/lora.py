@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapted import Slots, slotted
-from ..arch import arch_of, is_linear_like, linear_shape, set_path
+from ..arch import arch_of, is_linear_like, leaf_name, linear_shape, set_path
 from .base import Method, register
 
 
@@ -66,9 +66,10 @@ class LoRALinear(nn.Module):
 
 
 def find_targets(model: nn.Module, targets: tuple[str, ...], method: str) -> list[str]:
-    """Names of Linear/Conv1D modules in the backbone whose last name component is a target."""
+    """Names of Linear/Conv1D modules in the backbone whose layer name is a target (through other
+    methods' wrappers: the Linear inside an adapter on o_proj is still o_proj)."""
     names = [n for n, m in model.base_model.named_modules()
-             if is_linear_like(m) and n.rsplit(".", 1)[-1] in targets]
+             if is_linear_like(m) and leaf_name(n) in targets]
     if not names:
         found = sorted({n.rsplit(".", 1)[-1] for n, m in model.base_model.named_modules() if is_linear_like(m)})
         raise ValueError(f"method '{method}': no layer named {', '.join(targets)} in {model.config.model_type}; "
