@@ -147,11 +147,11 @@ def test_decode_batch_rows_join_and_leave(world):
     from lmadapt.serve.runner import DecodeBatch, Sequence
     _, tok, bank, _ = world
     ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    alone = {u: bank.generate([u], [t], max_new_tokens=n, stop_ids=[])[0]
+    alone = {u: bank.generate([u], [t], max_new_tokens=n, stop_ids=[], output_scores=True)
              for u, t, n in [("pia", TEXTS[2], 6), ("lou", TEXTS[1], 2), ("pam", TEXTS[0], 4), (None, TEXTS[3], 3)]}
     rows = bank.routes(["pia", "lou", "pam", None])
-    seqs = [Sequence(ids(TEXTS[2]), rows[0], 6), Sequence(ids(TEXTS[1]), rows[1], 2),
-            Sequence(ids(TEXTS[0]), rows[2], 4), Sequence(ids(TEXTS[3]), rows[3], 3)]
+    seqs = [Sequence(ids(t), r, n, record_scores=True)
+            for t, r, n in zip([TEXTS[2], TEXTS[1], TEXTS[0], TEXTS[3]], rows, [6, 2, 4, 3])]
     batch = DecodeBatch(bank)
     with torch.no_grad():
         batch.add(seqs[:2])
@@ -164,7 +164,9 @@ def test_decode_batch_rows_join_and_leave(world):
     for r in rows:
         bank.release(r)
     for s, u in zip(seqs, ["pia", "lou", "pam", None]):
-        assert s.tokens == alone[u], u
+        tokens, scores = alone[u]
+        assert s.tokens == tokens[0], u
+        torch.testing.assert_close(torch.stack(s.scores), scores[0], atol=1e-4, rtol=1e-4)
 
 
 def test_registry_lru_replace_remove_and_1000_users(world, tmp_path):

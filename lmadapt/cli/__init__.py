@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser", "quiet_third_party", "parse_method_args", "su
 
 EXIT_USAGE = 2
 
-COMMANDS = ["train", "evaluate", "pet", "predict", "listing"]
+COMMANDS = ["train", "evaluate", "pet", "predict", "listing", "serve", "user"]
 
 
 def build_parser() -> argparse.ArgumentParser:
