@@ -7,10 +7,11 @@ row uses this pass is switched off (`Slots.disabled`: exact, since slot 0 adds n
 batch pays only for the methods it holds. LoRA and adapter rows run as gathered batched matmuls
 (`Slots.pick` gathers the (B, r, in) per-row weights, then `bmm`): no Python loop over users.
 
-Layout of one row's sequence, for every table of virtual tokens / key-value prefixes:
+Layout of one row's sequence when some rows use virtual tokens / key-value prefixes (a row uses
+one table, so the tables of a kind share positions: K = the largest k among them):
 
-    cache:  [prefix table a (k_a) | prefix table b (k_b)]      (keys/values only)
-    input:  [virtual table c (k_c) | virtual table d (k_d) | real tokens, left-padded (T)]
+    cache:  [key/value prefix of the row's prefix table, k of K unmasked]
+    input:  [virtual tokens of the row's prompt table, k of K unmasked | real tokens, left-padded]
 
 A row unmasks only its own table's positions; positions are the running count of unmasked
 positions, so a row with k virtual positions numbers them 0..k-1 and its tokens from k, exactly as
@@ -114,6 +115,7 @@ class Bank:
         self.resident: OrderedDict[str, Resident] = OrderedDict()     # LRU order, oldest first
         self.free = [list(range(capacity, 0, -1)) for _ in self.tables]  # pop() -> slot 1 first
         self.base = Resident(None)
+        self._last_route: tuple = (None, None)
 
     @property
     def device(self):
@@ -273,15 +275,18 @@ class Bank:
     @contextlib.contextmanager
     def route(self, rows: list[Resident]):
         """Set every table's slot ids for these rows; tables no row uses are switched off."""
-        table_of = torch.tensor([r.table for r in rows])
-        slot_of = torch.tensor([r.slot for r in rows])
+        key = tuple((r.table, r.slot) for r in rows)
+        if self._last_route[0] != key:   # a decode batch keeps its rows for many steps: reuse
+            table_of = torch.tensor([k[0] for k in key])
+            slot_of = torch.tensor([k[1] for k in key])
+            ids = [torch.where(table_of == i, slot_of, 0).to(self.device) if bool((table_of == i).any()) else None
+                   for i in range(len(self.tables))]
+            self._last_route = (key, ids)
         saved = [(t.slots.ids, t.slots.disabled) for t in self.tables]
         try:
-            for i, t in enumerate(self.tables):
-                use = table_of == i
-                on = bool(use.any())
-                t.slots.disabled = not on
-                t.slots.ids = torch.where(use, slot_of, 0).to(self.device) if on else None
+            for t, ids in zip(self.tables, self._last_route[1]):
+                t.slots.disabled = ids is None
+                t.slots.ids = ids
             yield
         finally:
             for t, (ids, off) in zip(self.tables, saved):
@@ -296,21 +301,14 @@ class Bank:
         embeds = self.model.get_input_embeddings()(input_ids)
         n_virtual = 0
         if cache is None:
-            kv, kv_mask, virt, v_mask = [], [], [], []
-            for t in self.tables:
-                if t.slots.disabled or t.kind == "module":
-                    continue
-                own = (t.slots.ids != 0)[:, None].expand(B, t.k).to(mask.dtype)     # (B, k)
-                part = t.slots.pick(t.soft)                                          # (B, k, H | F)
-                (kv if t.kind == "kv" else virt).append(part)
-                (kv_mask if t.kind == "kv" else v_mask).append(own)
-            if virt:
-                v = torch.cat(virt, 1)
-                n_virtual = v.shape[1]
-                embeds = torch.cat([v.to(embeds.dtype), embeds], 1)
-            if kv:
-                cache = self._prefix_cache(torch.cat(kv, 1))
-            mask = torch.cat(kv_mask + v_mask + [mask], 1)
+            virt, v_mask = self._shared_positions("virtual", B, mask.dtype)
+            kv, kv_mask = self._shared_positions("kv", B, mask.dtype)
+            if virt is not None:
+                n_virtual = virt.shape[1]
+                embeds = torch.cat([virt.to(embeds.dtype), embeds], 1)
+            if kv is not None:
+                cache = self._prefix_cache(kv)
+            mask = torch.cat([m for m in (kv_mask, v_mask) if m is not None] + [mask], 1)
         if position_ids is None:
             # positions count unmasked positions: each row's own prefix/virtual tokens, then its text
             position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - embeds.shape[1]:]
@@ -319,6 +317,24 @@ class Bank:
         layers = tuple(h[:, n_virtual:] for h in out.hidden_states) if all_layers else None
         return Encoded(out.last_hidden_state[:, n_virtual:], getattr(out, "cache", None), mask,
                        position_ids[:, n_virtual:], layers)
+
+    def _shared_positions(self, kind: str, B: int, dtype):
+        """A row uses one table, so the tables of one kind share positions: (B, K, D) holding each
+        row's own table's k rows (K = the largest k in use), and its mask (B, K) with ones on the
+        row's first k positions; (None, None) when no row uses a table of this kind."""
+        tables = [t for t in self.tables if t.kind == kind and not t.slots.disabled]
+        if not tables:
+            return None, None
+        K = max(t.k for t in tables)
+        table = tables[0].soft
+        out = table.new_zeros(B, K, table.shape[-1])
+        own = torch.zeros(B, K, dtype=dtype, device=table.device)
+        for t in tables:                                   # a loop over methods, not users
+            member = (t.slots.ids != 0)                                           # (B,)
+            part = t.slots.pick(t.soft)                                           # (B, k, D)
+            out[:, :t.k] = torch.where(member[:, None, None], part, out[:, :t.k])
+            own[:, :t.k] = torch.where(member[:, None], torch.ones_like(own[:, :t.k]), own[:, :t.k])
+        return out, own
 
     def _prefix_cache(self, P: torch.Tensor) -> DynamicCache:
         """(B, k, F) key/value prefixes -> a cache holding k positions (as methods.prefix.KVPrefix)."""
