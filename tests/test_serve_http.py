@@ -76,6 +76,7 @@ def served(tmp_path_factory):
     pairs = [(u, p) for u in list(LM_USERS) + [None] for p in PROMPTS[:3]]
     new = bank.generate([u for u, _ in pairs], [p for _, p in pairs], max_new_tokens=6)
     s.expected = {pair: tok.decode(n, skip_special_tokens=True) for pair, n in zip(pairs, new)}
+    s.expected_n = {pair: len(n) for pair, n in zip(pairs, new)}
     s.expected_cls = bank.classify(["cls", "cls"], ["good film", "bad plot"])
     sched = Scheduler(bank, max_batch=4, max_wait=0.02, precision="fp32", metrics=Metrics())
     app = create_app(bank, store, sched, ServerConfig(admin_token=ADMIN, max_prompt_tokens=40, max_tokens=64,
@@ -133,6 +134,7 @@ def test_openai_client_completions_chat_and_stream(served):
     client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.tokens["lou"], max_retries=0)
     r = client.completions.create(model="lou", prompt=PROMPTS[0], max_tokens=6, temperature=0)
     assert r.choices[0].text == s.expected[("lou", PROMPTS[0])]
+    assert r.usage.completion_tokens == s.expected_n[("lou", PROMPTS[0])]
     parts = [c.choices[0].text for c in client.completions.create(model="lou", prompt=PROMPTS[0], max_tokens=6,
                                                                   temperature=0, stream=True)]
     assert "".join(parts) == r.choices[0].text and len(parts) > 1

@@ -121,6 +121,10 @@ class Bank:
     def device(self):
         return self.model.device
 
+    def max_virtual(self) -> int:
+        """The most positions a row's virtual tokens or prefix can take (0 without such tables)."""
+        return max((t.k for t in self.tables), default=0)
+
     def methods(self) -> list[str]:
         return [t.name for t in self.tables]
 

@@ -179,13 +179,22 @@ def create_app(bank, store, scheduler, config: ServerConfig | None = None, metri
         if max_tokens is not None and max_tokens > cfg.max_tokens:
             raise APIError(400, f"max_tokens={max_tokens} is more than this server's limit ({cfg.max_tokens})",
                            param="max_tokens", code="max_tokens_exceeded")
+        context = getattr(bank.model.config, "max_position_embeddings", None)
+        need = len(prompt) + (max_tokens or cfg.default_max_tokens) + bank.max_virtual()
+        if context and need > context:
+            raise APIError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens plus the artifacts' virtual "
+                                f"positions need {need} positions; the model has {context}", param="max_tokens",
+                           code="context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
         return {"stops": stops, "max_new": max_tokens}
 
-    async def run(request: Request, user: str | None, prompt: list[int], body: P.Sampling, max_new: int, stops):
-        """Submit to the scheduler -> async iterator of (text delta, finish_reason | None)."""
+    async def run(request: Request, user: str | None, prompt: list[int], body: P.Sampling, max_new: int, stops,
+                  counted: list | None = None):
+        """Submit to the scheduler -> async iterator of (text delta, finish_reason | None); the
+        number of tokens generated lands in counted[0]."""
+        counted = counted if counted is not None else [0]
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         eos = tok.eos_token_id
@@ -208,6 +217,7 @@ def create_app(bank, store, scheduler, config: ServerConfig | None = None, metri
                 if value is None:
                     finished = True
                     text = tok.decode(tokens, skip_special_tokens=True)
+                    counted[0] = len(tokens)
                     yield text[len(sent):], ("length" if reason == "length" else "stop")
                     return
                 tokens.append(value)
@@ -215,6 +225,7 @@ def create_app(bank, store, scheduler, config: ServerConfig | None = None, metri
                 hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
                 if hit >= 0:
                     finished = True
+                    counted[0] = len(tokens)
                     yield text[len(sent):hit], "stop"
                     return
                 if text.endswith("\ufffd"):       # half of a multi-byte character: wait for the rest
@@ -271,19 +282,18 @@ def create_app(bank, store, scheduler, config: ServerConfig | None = None, metri
                                                                 code=e.code)).model_dump())
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, reason, n = await collect(run(request, user, ids, body, max_new, s["stops"]))
+        text, reason, n = await collect(request, user, ids, body, max_new, s["stops"])
         return P.CompletionResponse(id=rid, created=created, model=body.model,
                                     choices=[P.CompletionChoice(text=text, finish_reason=reason)],
                                     usage=P.Usage(prompt_tokens=len(ids), completion_tokens=n,
                                                   total_tokens=len(ids) + n))
 
-    async def collect(it):
-        parts, reason = [], None
-        async for delta, r in it:
+    async def collect(request, user, ids, body, max_new, stops):
+        parts, reason, counted = [], None, [0]
+        async for delta, r in run(request, user, ids, body, max_new, stops, counted):
             parts.append(delta)
             reason = r or reason
-        text = "".join(parts)
-        return text, reason, len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+        return "".join(parts), reason, counted[0]
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=ERRORS)
     async def chat(body: P.ChatCompletionRequest, request: Request):
@@ -300,21 +310,21 @@ def create_app(bank, store, scheduler, config: ServerConfig | None = None, metri
                 head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
                 yield sse(head | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                "finish_reason": None}]})
-                n = 0
+                counted = [0]
                 try:
-                    async for delta, reason in run(request, user, ids, body, max_new, s["stops"]):
-                        n += 1
+                    async for delta, reason in run(request, user, ids, body, max_new, s["stops"], counted):
                         yield sse(head | {"choices": [{"index": 0, "delta": {"content": delta} if delta else {},
                                                        "finish_reason": reason}]})
                 except APIError as e:
                     yield sse(P.ErrorResponse(error=P.ErrorBody(message=e.message, type=TYPES[e.status],
                                                                 code=e.code)).model_dump())
                 if usage:
+                    n = counted[0]
                     yield sse(head | {"choices": [], "usage": {"prompt_tokens": len(ids), "completion_tokens": n,
                                                                "total_tokens": len(ids) + n}})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, reason, n = await collect(run(request, user, ids, body, max_new, s["stops"]))
+        text, reason, n = await collect(request, user, ids, body, max_new, s["stops"])
         return P.ChatCompletionResponse(id=rid, created=created, model=body.model,
                                         choices=[P.ChatChoice(message=P.AssistantMessage(content=text),
                                                               finish_reason=reason)],
