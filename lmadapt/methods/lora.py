@@ -40,12 +40,15 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged or self.slots.disabled:
             return y
+        return self.slots.add_delta(y, x, self._delta)
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.slots.pick(self.lora_A), self.slots.pick(self.lora_B)
         h = self.dropout(x)
         if A.dim() == 2:                                  # one slot for all rows
-            return y + F.linear(F.linear(h, A), B) * self.scaling
+            return F.linear(F.linear(h, A), B) * self.scaling
         # per-row slots: h (B, T, in) @ A^T (B, in, r) -> (B, T, r) @ B^T (B, r, out)
-        return y + torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2)) * self.scaling
+        return torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -283,18 +283,24 @@ class Bank:
         if self._last_route[0] != key:   # a decode batch keeps its rows for many steps: reuse
             table_of = torch.tensor([k[0] for k in key])
             slot_of = torch.tensor([k[1] for k in key])
-            ids = [torch.where(table_of == i, slot_of, 0).to(self.device) if bool((table_of == i).any()) else None
-                   for i in range(len(self.tables))]
-            self._last_route = (key, ids)
-        saved = [(t.slots.ids, t.slots.disabled) for t in self.tables]
+            routes = []
+            for i in range(len(self.tables)):
+                use = table_of == i
+                n = int(use.sum())
+                ids = torch.where(use, slot_of, 0).to(self.device) if n else None
+                # a segment of the batch when only some rows use the table (Slots.add_delta)
+                rows = use.nonzero().squeeze(1).to(self.device) if 0 < n < len(key) else None
+                routes.append((ids, rows))
+            self._last_route = (key, routes)
+        saved = [(t.slots.ids, t.slots.rows, t.slots.disabled) for t in self.tables]
         try:
-            for t, ids in zip(self.tables, self._last_route[1]):
+            for t, (ids, rows) in zip(self.tables, self._last_route[1]):
                 t.slots.disabled = ids is None
-                t.slots.ids = ids
+                t.slots.ids, t.slots.rows = ids, rows
             yield
         finally:
-            for t, (ids, off) in zip(self.tables, saved):
-                t.slots.ids, t.slots.disabled = ids, off
+            for t, (ids, rows, off) in zip(self.tables, saved):
+                t.slots.ids, t.slots.rows, t.slots.disabled = ids, rows, off
 
     def encode(self, input_ids, mask, position_ids=None, cache=None, use_cache=False,
                all_layers=False) -> Encoded:

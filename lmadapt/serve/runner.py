@@ -52,7 +52,19 @@ class DecodeBatch:
         return len(self.seqs)
 
     def add(self, seqs: list[Sequence]) -> None:
-        """Prefill new rows in one pass and stack them under the running ones."""
+        """Prefill new rows and stack them under the running ones. Rows are prefilled in groups
+        by the virtual positions their table adds (0 for most methods): a dense pass costs every
+        row the longest row's length, so bare and LoRA rows do not pay for a prompt user's k
+        virtual tokens."""
+        groups: dict[int, list[Sequence]] = {}
+        for s in seqs:
+            t = s.route.table
+            k = self.bank.tables[t].k if t >= 0 and self.bank.tables[t].kind == "virtual" else 0
+            groups.setdefault(k, []).append(s)
+        for group in groups.values():
+            self._add(group)
+
+    def _add(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
         bank = self.bank
