@@ -4,8 +4,10 @@ prefix, LoRA, adapter or bias deltas, or the bare model.
 
 A row's route is (table, slot); in every other table it takes slot 0, the identity. A table no
 row uses this pass is switched off (`Slots.disabled`: exact, since slot 0 adds nothing), so a
-batch pays only for the methods it holds. LoRA and adapter rows run as gathered batched matmuls
-(`Slots.pick` gathers the (B, r, in) per-row weights, then `bmm`): no Python loop over users.
+batch pays only for the methods it holds. LoRA, adapter and BitFit rows run as gathered batched
+matmuls over the segment of rows that use the table (`Slots.rows` / `Slots.add_delta`: the rows'
+(r, in) weights gathered by `Slots.pick`, then `bmm`, added back by `index_add`): no Python loop
+over users, and no work for rows of other methods.
 
 Layout of one row's sequence when some rows use virtual tokens / key-value prefixes (a row uses
 one table, so the tables of a kind share positions: K = the largest k among them):
