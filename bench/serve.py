@@ -293,7 +293,7 @@ def main():
         lines.append(f"all-LoRA: lmadapt / PEFT adapter_names {res['lora_ours_tokens_per_s']:9.1f} / "
                      f"{res['lora_peft_tokens_per_s']:9.1f} = {res['lora_ours_over_peft']:.3f}   (goal >= 1.0; "
                      f"same greedy tokens {res['lora_same_greedy_tokens']:.1%})")
-    lines += [f"bytes per resident user: " + ", ".join(f"{m} {b / 1e6:.2f} MB" for m, b in per.items()) +
+    lines += ["bytes per resident user: " + ", ".join(f"{m} {b / 1e6:.2f} MB" for m, b in per.items()) +
               f"; mean over the mix {res['mean_bytes_per_resident_user'] / 1e6:.2f} MB",
               f"1,000 registered users add {res['registry_mb_per_1000_users']:.1f} MB of process memory",
               f"load test: {L['requests']} requests from {L['clients']} clients in {L['seconds']:.1f} s: "

@@ -4,7 +4,6 @@ each row what that user's artifact gives alone in a plain `Adapted` (logits atol
 under bf16 autocast 3e-2: bf16 keeps 8 bits of mantissa, and a row's sums run in another order
 when it shares a batch). Plus the registry: runtime add/replace/remove, LRU eviction and reload,
 1,000 users, refusals that change nothing."""
-import copy
 
 import pytest
 import torch

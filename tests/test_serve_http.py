@@ -4,7 +4,6 @@ bank's offline answer (fp32 greedy: the same batched with others or alone); tena
 request a 4xx in OpenAI's error shape; admin uploads (tar/zip, path traversal refused); a client
 that disconnects frees its row; users survive a restart."""
 import io
-import json
 import tarfile
 import threading
 import time
