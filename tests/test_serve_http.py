@@ -244,6 +244,28 @@ def test_client_disconnect_frees_its_row(served):
     assert _complete(s, "ada", PROMPTS[0]).json()["choices"][0]["text"] == s.expected[("ada", PROMPTS[0])]
 
 
+def test_non_streaming_client_that_leaves_frees_its_row(served, monkeypatch):
+    """A plain (non-stream) request whose client times out: the server notices the disconnect and
+    drops the row long before its 64 tokens are done (each step is slowed to 50 ms here)."""
+    from lmadapt.serve.runner import DecodeBatch
+    s = served
+    step = DecodeBatch.step
+
+    def slow(self):
+        time.sleep(0.05)
+        step(self)
+    monkeypatch.setattr(DecodeBatch, "step", slow)
+    cancelled = s.sched.metrics.finished["cancelled"]
+    t = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        s.http.post("/v1/completions", headers=_auth(s.tokens["bit"]), timeout=0.3,
+                    json={"model": "bit", "prompt": "the movie", "max_tokens": 64, "temperature": 0})
+    while s.sched.running() and time.monotonic() - t < 3.0:
+        time.sleep(0.05)
+    assert s.sched.running() == 0 and time.monotonic() - t < 2.5      # 64 steps would take 3.2 s
+    assert s.sched.metrics.finished["cancelled"] == cancelled + 1
+
+
 def test_admin_upload_replace_delete_and_refusals(served, tmp_path):
     s = served
     admin = _auth(ADMIN)

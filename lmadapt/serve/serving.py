@@ -131,14 +131,17 @@ class Serving:
                          on_error=lambda e: loop.call_soon_threadsafe(q.put_nowait, ("err", e, None)))
         self.scheduler.submit(req)
         tokens, sent, finished = [], "", False
+
+        async def watch():  # the client going away ends the wait below (as StreamingResponse listens)
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            q.put_nowait(("gone", None, None))
+        watcher = asyncio.create_task(watch())
         try:
             while True:
-                try:
-                    kind, value, reason = await asyncio.wait_for(q.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                kind, value, reason = await q.get()
+                if kind == "gone":
+                    return
                 if kind == "err":
                     raise mapped(value)
                 if value is None:
@@ -163,6 +166,7 @@ class Serving:
                     yield ready[len(sent):], None
                     sent = ready
         finally:
+            watcher.cancel()
             if not finished:
                 req.cancel()            # the client left, or we stopped early: free the row
 
