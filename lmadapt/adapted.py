@@ -41,6 +41,7 @@ class Slots:
         # serve.Bank: the rows of a mixed batch that use this table (LongTensor), when not all do;
         # every other row is on slot 0, the identity, so its delta is not computed at all.
         self.rows: torch.Tensor | None = None
+        self.row_ids: torch.Tensor | None = None   # ids[rows], computed once per batch by the bank
 
     @contextlib.contextmanager
     def route(self, ids: torch.Tensor | None):
@@ -69,7 +70,7 @@ class Slots:
         rows = self.rows
         if rows is None or self.ids is None:
             return y + delta(x)
-        prev, self.ids = self.ids, self.ids[rows]
+        prev, self.ids = self.ids, (self.row_ids if self.row_ids is not None else self.ids[rows])
         try:
             d = delta(x[rows])
         finally:

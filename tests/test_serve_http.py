@@ -226,7 +226,20 @@ def test_classify_endpoint_equals_bank(served):
         assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)
 
 
-def test_client_disconnect_frees_its_row(served):
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Each decode step takes 50 ms more, so 64 tokens take over 3 s: a client leaving early
+    leaves long before its row would finish by itself."""
+    from lmadapt.serve.runner import DecodeBatch
+    step = DecodeBatch.step
+
+    def slow(self):
+        time.sleep(0.05)
+        step(self)
+    monkeypatch.setattr(DecodeBatch, "step", slow)
+
+
+def test_client_disconnect_frees_its_row(served, slow_steps):
     s = served
     m = s.sched.metrics
     cancelled = m.finished["cancelled"]
@@ -234,27 +247,19 @@ def test_client_disconnect_frees_its_row(served):
                        json={"model": "ada", "prompt": "the movie", "max_tokens": 64, "temperature": 0,
                              "stream": True, "stop": ["zzzz"]}) as r:
         next(r.iter_lines())
-    for _ in range(100):
-        if s.sched.running() == 0:
-            break
+    t = time.monotonic()
+    while s.sched.running() and time.monotonic() - t < 3.0:
         time.sleep(0.05)
-    assert s.sched.running() == 0
+    assert s.sched.running() == 0 and time.monotonic() - t < 2.5      # 64 steps would take 3.2 s
     assert m.finished["cancelled"] == cancelled + 1        # it left early, it did not run to the end
     assert s.bank.resident["ada"].pins == 0
     assert _complete(s, "ada", PROMPTS[0]).json()["choices"][0]["text"] == s.expected[("ada", PROMPTS[0])]
 
 
-def test_non_streaming_client_that_leaves_frees_its_row(served, monkeypatch):
+def test_non_streaming_client_that_leaves_frees_its_row(served, slow_steps):
     """A plain (non-stream) request whose client times out: the server notices the disconnect and
-    drops the row long before its 64 tokens are done (each step is slowed to 50 ms here)."""
-    from lmadapt.serve.runner import DecodeBatch
+    drops the row long before its 64 tokens are done."""
     s = served
-    step = DecodeBatch.step
-
-    def slow(self):
-        time.sleep(0.05)
-        step(self)
-    monkeypatch.setattr(DecodeBatch, "step", slow)
     cancelled = s.sched.metrics.finished["cancelled"]
     t = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):

@@ -4,10 +4,11 @@ prefix, LoRA, adapter or bias deltas, or the bare model.
 
 A row's route is (table, slot); in every other table it takes slot 0, the identity. A table no
 row uses this pass is switched off (`Slots.disabled`: exact, since slot 0 adds nothing), so a
-batch pays only for the methods it holds. LoRA, adapter and BitFit rows run as gathered batched
-matmuls over the segment of rows that use the table (`Slots.rows` / `Slots.add_delta`: the rows'
+batch pays only for the methods it holds. LoRA and adapter rows run as gathered batched matmuls
+over the segment of rows that use the table (`Slots.rows` / `Slots.add_delta`: the rows'
 (r, in) weights gathered by `Slots.pick`, then `bmm`, added back by `index_add`): no Python loop
-over users, and no work for rows of other methods.
+over users, and no work for rows of other methods. BitFit gathers one bias row per row of the
+batch (one small op; slot 0's is zero).
 
 Layout of one row's sequence when some rows use virtual tokens / key-value prefixes (a row uses
 one table, so the tables of a kind share positions: K = the largest k among them):
@@ -133,18 +134,19 @@ class Bank:
                 n = int(use.sum())
                 ids = torch.where(use, slot_of, 0).to(self.device) if n else None
                 # a segment of the batch when only some rows use the table (Slots.add_delta)
-                rows = use.nonzero().squeeze(1).to(self.device) if 0 < n < len(key) else None
-                routes.append((ids, rows))
+                rows = use.nonzero().squeeze(1) if 0 < n < len(key) else None
+                sub = slot_of[rows].to(self.device) if rows is not None else None
+                routes.append((ids, rows.to(self.device) if rows is not None else None, sub))
             self._last_route = (key, routes)
-        saved = [(t.slots.ids, t.slots.rows, t.slots.disabled) for t in self.tables]
+        saved = [(t.slots.ids, t.slots.rows, t.slots.row_ids, t.slots.disabled) for t in self.tables]
         try:
-            for t, (ids, rows) in zip(self.tables, self._last_route[1]):
+            for t, (ids, rows, sub) in zip(self.tables, self._last_route[1]):
                 t.slots.disabled = ids is None
-                t.slots.ids, t.slots.rows = ids, rows
+                t.slots.ids, t.slots.rows, t.slots.row_ids = ids, rows, sub
             yield
         finally:
-            for t, (ids, rows, off) in zip(self.tables, saved):
-                t.slots.ids, t.slots.rows, t.slots.disabled = ids, rows, off
+            for t, (ids, rows, sub, off) in zip(self.tables, saved):
+                t.slots.ids, t.slots.rows, t.slots.row_ids, t.slots.disabled = ids, rows, sub, off
 
     def encode(self, input_ids, mask, position_ids=None, cache=None, use_cache=False,
                all_layers=False) -> Encoded:
