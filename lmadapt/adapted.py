@@ -38,6 +38,10 @@ class Slots:
         self.n = n
         self.ids: torch.Tensor | None = None
         self.disabled = False
+        # serve.Bank: the rows of a mixed batch that use this table (LongTensor), when not all do;
+        # every other row is on slot 0, the identity, so its delta is not computed at all.
+        self.rows: torch.Tensor | None = None
+        self.row_ids: torch.Tensor | None = None   # ids[rows], computed once per batch by the bank
 
     @contextlib.contextmanager
     def route(self, ids: torch.Tensor | None):
@@ -58,6 +62,20 @@ class Slots:
         if self.ids is None:
             return table[0]
         return table[self.ids.to(table.device)]
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, delta) -> torch.Tensor:
+        """y + delta(x), where delta reads its per-row weights through pick(). With `rows` set,
+        only those rows are computed (a segment of the batch: gather and matmul for n rows, not
+        B) and added in place of the zeros slot 0 would add: the same values, less work."""
+        rows = self.rows
+        if rows is None or self.ids is None:
+            return y + delta(x)
+        prev, self.ids = self.ids, (self.row_ids if self.row_ids is not None else self.ids[rows])
+        try:
+            d = delta(x[rows])
+        finally:
+            self.ids = prev
+        return y.index_add(0, rows, d.to(y.dtype).expand((len(rows),) + y.shape[1:]))
 
     def repeat_interleave(self, n: int) -> None:
         """For beam search / several samples per prompt: row i becomes rows i*n .. i*n+n-1."""
@@ -366,8 +384,10 @@ def read_artifact(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     return meta, read_safetensors(weights, fix)
 
 
-def check_base(meta: dict, model, where: str) -> None:
-    want, have = meta["base_model"], fingerprint(model)
+def check_base(meta: dict, model, where: str, have: dict | None = None) -> None:
+    """`have`: the model's fingerprint taken before methods were injected (serve.Bank's tables add
+    parameters that would change it), else taken now."""
+    want, have = meta["base_model"], have or fingerprint(model)
     diff = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "embedding_checksum")
             if want.get(k) != have.get(k)]
     if diff:

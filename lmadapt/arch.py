@@ -74,5 +74,15 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
 
 
+def leaf_name(path: str) -> str:
+    """The layer name a module path ends in, through any wrappers: 'attn.o_proj.base' (a Linear
+    that an adapter, LoRA or bias delta wraps as its `base`) -> 'o_proj'. Lets methods find
+    their target layers when several methods are attached to one model (serve.Bank)."""
+    parts = path.split(".")
+    while len(parts) > 1 and parts[-1] == "base":
+        parts.pop()
+    return parts[-1]
+
+
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

@@ -20,6 +20,7 @@ COMMANDS = [
     "train", "evaluate", "pet", "icl", "cot", "instruct", "predict",
     "sft", "reward", "dpo", "ppo",
     "prompt_search", "ppt",
+    "serve", "user",
     "compare", "report",
     "listing",
 ]

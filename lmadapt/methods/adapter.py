@@ -50,6 +50,9 @@ class AdapterOutput(nn.Module):
         y = self.base(x)
         if self.slots.disabled:
             return y
+        return self.slots.add_delta(y, y, self._delta)
+
+    def _delta(self, y: torch.Tensor) -> torch.Tensor:
         pick = self.slots.pick
         wd, bd, wu, bu = pick(self.down_weight), pick(self.down_bias), pick(self.up_weight), pick(self.up_bias)
         if wd.dim() == 2:                                       # one slot for every row
@@ -58,7 +61,7 @@ class AdapterOutput(nn.Module):
             # per-row slots: y (B, T, H) @ wd^T (B, H, m) -> (B, T, m) @ wu^T (B, m, H) -> (B, T, H)
             h = self.act(torch.bmm(y, wd.transpose(1, 2)) + bd.unsqueeze(1))
             delta = torch.bmm(h, wu.transpose(1, 2)) + bu.unsqueeze(1)
-        return y + delta.to(y.dtype)
+        return delta.to(y.dtype)
 
 
 @register

@@ -37,6 +37,8 @@ class BiasDelta(nn.Module):
         y = self.base(x)
         if self.merged or self.slots.disabled:
             return y
+        # Every row, even in the bank's mixed batches: gathering B bias rows is one small op, fewer
+        # than computing a segment (Slots.add_delta) would take.
         d = self.slots.pick(self.bias_delta)                   # (out,) or (B, out)
         if d.dim() == 2:                                        # per-row: broadcast over positions
             d = d.view(d.shape[0], *([1] * (y.dim() - 2)), d.shape[1])

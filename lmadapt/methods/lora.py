@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapted import Slots, slotted
-from ..arch import arch_of, is_linear_like, linear_shape, set_path
+from ..arch import arch_of, is_linear_like, leaf_name, linear_shape, set_path
 from .base import Method, register
 
 
@@ -40,12 +40,15 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged or self.slots.disabled:
             return y
+        return self.slots.add_delta(y, x, self._delta)
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.slots.pick(self.lora_A), self.slots.pick(self.lora_B)
         h = self.dropout(x)
         if A.dim() == 2:                                  # one slot for all rows
-            return y + F.linear(F.linear(h, A), B) * self.scaling
+            return F.linear(F.linear(h, A), B) * self.scaling
         # per-row slots: h (B, T, in) @ A^T (B, in, r) -> (B, T, r) @ B^T (B, r, out)
-        return y + torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2)) * self.scaling
+        return torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -66,9 +69,10 @@ class LoRALinear(nn.Module):
 
 
 def find_targets(model: nn.Module, targets: tuple[str, ...], method: str) -> list[str]:
-    """Names of Linear/Conv1D modules in the backbone whose last name component is a target."""
+    """Names of Linear/Conv1D modules in the backbone whose layer name is a target (through other
+    methods' wrappers: the Linear inside an adapter on o_proj is still o_proj)."""
     names = [n for n, m in model.base_model.named_modules()
-             if is_linear_like(m) and n.rsplit(".", 1)[-1] in targets]
+             if is_linear_like(m) and leaf_name(n) in targets]
     if not names:
         found = sorted({n.rsplit(".", 1)[-1] for n, m in model.base_model.named_modules() if is_linear_like(m)})
         raise ValueError(f"method '{method}': no layer named {', '.join(targets)} in {model.config.model_type}; "
