@@ -15,7 +15,7 @@ from lmadapt.objectives import instance_contrastive, prompt_reconstruction, prot
 from lmadapt.prompting.knowledgeable import expand, refine, refine_head
 from lmadapt.prompting.pet import PetConfig, run_pet
 from lmadapt.prompting.verbalizer import Verbalizer, split_kind, vocab_words
-from toy_prompts import TOY_PVP, causal, ids, mlm_model, mlm_tokenizer, word_logprob
+from toy_prompts import TOY_PVP, causal, ids, mlm_model, mlm_tokenizer, train_steps, word_logprob
 
 TEMPLATE = "{text} it was {mask} ."
 HEAD_TENSORS = {"soft": {"head.label_emb", "head.label_bias"}, "prototypical": {"head.proj", "head.prototypes"},
@@ -76,13 +76,7 @@ def test_learned_verbalizers_train_only_their_tensors(kind, method):
     opt = torch.optim.AdamW([{"params": head, "lr": 1e-2 if kind != "knowledgeable" else 0.3},
                              {"params": rest, "lr": max(METHODS[method].default_lr, 1e-3) * 3}])
     a.train()
-    losses = []
-    for _ in range(8):
-        loss = a(**b).loss
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = train_steps(a, b, opt)
     assert losses[-1] < losses[0] - 1e-3, losses
     after = dict(a.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}

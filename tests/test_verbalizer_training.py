@@ -8,7 +8,7 @@ import torch
 
 import lmadapt
 from lmadapt.methods import METHODS
-from toy_prompts import MULTI, TOY_PVP, causal
+from toy_prompts import MULTI, TOY_PVP, causal, train_steps
 
 TRAINS = sorted(set(METHODS) - {"probe", "none", "ipt"})   # ipt needs a decoder: test_ppt_ipt.py
 
@@ -28,13 +28,7 @@ def test_verbalizer_head_trains_with_every_method(method, arch):
     batch = enc.collate([enc.classification(ex) for ex in TOY_PVP.load("train")[:16]])
     # intrinsic and ladder start at exactly the base model; a fixed, larger lr shows the fall in 8 steps
     opt = torch.optim.AdamW(a.trainable_parameters(), lr=max(METHODS[method].default_lr, 1e-3) * 3)
-    losses = []
-    for _ in range(8):
-        loss = a(**batch).loss
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = train_steps(a, batch, opt)
     assert losses[-1] < losses[0] - 1e-3, losses
     after = dict(a.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items())          # the base did not move

@@ -49,3 +49,15 @@ def word_logprob(logits_of, prefix: list[int], word: list[int]) -> float:
 
 def ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def train_steps(adapted, batch, opt, steps: int = 8) -> list[float]:
+    """`steps` optimizer steps on one batch; -> the loss before each step."""
+    losses = []
+    for _ in range(steps):
+        loss = adapted(**batch).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
