@@ -35,7 +35,7 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, output_scores: bool = False,
              num_beams: int = 1, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-             early_stopping: bool | str = False):
+             early_stopping: bool | str = False, shared_prefix=None):
     """-> new tokens (B, <= max_new_tokens); rows that finished early are padded with pad_token_id.
     With output_scores=True: (tokens, scores), scores (B, n, V) the float32 logits each step chose
     from (what tests compare: token ids alone hide small position errors).
@@ -45,7 +45,9 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     no_repeat_ngram_size = n > 0 bans any n-gram that already occurs in the generated tokens (the
     prompt does not count), greedy or beam.
     precision: 'auto' | 'fp32' | 'bf16' runs the decode under that precision (precision.py); None
-    (the default) leaves it to the caller's context, as evaluation does."""
+    (the default) leaves it to the caller's context, as evaluation does.
+    shared_prefix: a kv_loop.SharedPrefix every row starts with (encoded once); input_ids are then
+    only what follows it in each row. Greedy or sampled, one slot route for every row."""
     if adapted.head is not None:
         raise ValueError("generate() needs an LM (no classification head): attach without num_labels")
     if not adapted.causal:
@@ -59,6 +61,9 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     if num_beams > 1 and do_sample:
         raise ValueError("do_sample=True with num_beams > 1 (beam sampling) is not supported: "
                          "use num_beams=1 to sample, or do_sample=False for beam search")
+    if shared_prefix is not None and (num_beams > 1 or slot_ids is not None):
+        raise ValueError("shared_prefix works with greedy or sampled decoding and one route for every row "
+                         "(num_beams=1, slot_ids=None)")
     tok = adapted.tokenizer
     if eos_token_id is None:
         eos_token_id = getattr(tok, "eos_token_id", None) if tok is not None else adapted.model.config.eos_token_id
@@ -77,7 +82,7 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     B, T = input_ids.shape
     lm_head = adapted.model.get_output_embeddings()
     with adapted.slots.route(slot_ids):
-        hidden, cache, full_mask, pos = start(adapted, input_ids, mask)
+        hidden, cache, full_mask, pos = start(adapted, input_ids, mask, shared_prefix)
         out, scores = [], []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):

@@ -230,14 +230,35 @@ _STOPS: dict = {}
 
 # --- scoring -------------------------------------------------------------------------------------
 
+MIN_SHARED = 16   # a common prefix of at least this many tokens is encoded once, not per row
+
+
+def shared_split(adapted, prompts: list[list[int]], share: bool = True):
+    """-> (SharedPrefix or None, each prompt's own tokens). Prompts that all start with the same
+    MIN_SHARED+ tokens (one demonstration set per seed, CoT's exemplars) share one encoding of them:
+    the cost of a query is then its own tokens, not the whole prompt's. Rows with template soft
+    slots are kept whole."""
+    from ..kv_loop import SharedPrefix, common_prefix
+    n = common_prefix(prompts) if share and len(prompts) > 1 else 0
+    if n < MIN_SHARED or min(prompts[0][:n]) < 0:
+        return None, prompts
+    return SharedPrefix(adapted, prompts[0][:n]), [p[n:] for p in prompts]
+
+
 @torch.no_grad()
 def score_prompts(adapted, prompts: list[list[int]], batch_size: int = 8, progress: bool = False,
-                  desc: str = "icl") -> torch.Tensor:
-    """(N, C) verbalizer-head scores of prompts given as token ids (batched by length)."""
+                  desc: str = "icl", share: bool = True) -> torch.Tensor:
+    """(N, C) verbalizer-head scores of prompts given as token ids (batched by length); a prefix
+    all prompts share is encoded once (shared_split)."""
     enc = adapted.input_encoder()
-    feats = [{"input_ids": p} for p in prompts]
-    rows = _run_batches(feats, batch_size, lambda fs: list(adapted(**enc.collate(fs, adapted.device))
-                                                          .logits.float().cpu()), desc, progress)
+    shared, own = shared_split(adapted, prompts, share)
+
+    def run(fs):
+        b = enc.collate(fs, adapted.device)
+        if shared is not None:
+            b |= shared.inputs(b["attention_mask"], adapted.model.config)
+        return list(adapted(**b).logits.float().cpu())
+    rows = _run_batches([{"input_ids": p} for p in own], batch_size, run, desc, progress)
     return torch.stack(rows) if rows else torch.zeros(0, adapted.num_labels)
 
 
@@ -251,20 +272,21 @@ def cut(text: str, stops) -> str:
 
 
 def decode_prompts(adapted, prompts: list[list[int]], *, max_new_tokens: int, stops=("\n\n",), batch_size: int = 8,
-                   progress: bool = False, desc: str = "decode", **sampling) -> list[str]:
+                   progress: bool = False, desc: str = "decode", share: bool = True, **sampling) -> list[str]:
     """Greedy (or `sampling`: do_sample, temperature, top_p, generator) continuations of
     token-id prompts, cut at the first stop string. Decoding ends early at tokens that hold the
-    first stop string (stop_token_ids)."""
+    first stop string (stop_token_ids). A prefix all prompts share is encoded once (shared_split)."""
     tok = adapted.tokenizer
     enc = adapted.input_encoder()
     eos = stop_token_ids(tok, stops[0]) if stops else None
+    shared, own = shared_split(adapted, prompts, share)
 
     def run(fs):
         batch = enc.collate(fs, adapted.device)
         new = adapted.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                               eos_token_id=eos, **sampling)
+                               eos_token_id=eos, shared_prefix=shared, **sampling)
         return [cut(s, stops) for s in tok.batch_decode(new, skip_special_tokens=True)]
-    return _run_batches([{"input_ids": p} for p in prompts], batch_size, run, desc, progress)
+    return _run_batches([{"input_ids": p} for p in own], batch_size, run, desc, progress)
 
 
 def spread(values: list[float]) -> dict:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from ..generation import _pick
+from ..kv_loop import growing_cache
 
 
 def left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,7 @@ class DecodeBatch:
         bank = self.bank
         self.pos = self.pos + 1
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], 1)
-        cache = DynamicCache(self.cache, config=bank.model.config)
+        cache = growing_cache(self.cache, bank.model.config)   # appends in place, no copy per step
         with bank.route([s.route for s in self.seqs]):
             enc = bank.encode(nxt.unsqueeze(1), self.mask, position_ids=self.pos.unsqueeze(1),
                               cache=cache, use_cache=True)

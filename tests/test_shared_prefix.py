@@ -1,0 +1,107 @@
+"""A prefix every prompt shares (ICL's demonstrations, CoT's exemplars) is encoded once and reused
+(kv_loop.SharedPrefix): the verbalizer scores and the decoded logits equal those of the whole
+prompts, left-padded rows of different lengths included, for the bare model and for methods that
+add virtual tokens, a key/value prefix or weight deltas."""
+import pytest
+import torch
+
+import lmadapt
+from lmadapt.kv_loop import SharedPrefix, common_prefix
+from lmadapt.prompting.icl import MIN_SHARED, decode_prompts, score_prompts, shared_split
+from toy_prompts import MULTI, TOY_PVP, causal, ids
+
+METHODS = ("none", "lora", "prompt", "prefix", "adapter", "bitfit", "ladder")
+
+
+def randomize(adapted, seed=1, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapted.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def prompts_of(tok):
+    demos = ids(tok, "the movie was fun it was good bad plot it was bad the film was awful it was bad "
+                     "the cafe was cheap it was good")
+    queries = ["the food", "a very boring film and the actor was awful it was", "fun"]
+    return demos, [demos + ids(tok, q + " it was") for q in queries]
+
+
+def test_common_prefix_leaves_each_row_a_token():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2        # the shorter row keeps its last token
+    assert common_prefix([[7, 2], [1, 2]]) == 0
+    assert common_prefix([]) == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ("llama", "gpt2"))
+def test_scores_with_a_shared_prefix_equal_whole_prompts(arch, method):
+    model, tok = causal(arch)
+    adapted = lmadapt.attach(model, method, task=TOY_PVP, tokenizer=tok, head="verbalizer", verbalizer=MULTI)
+    randomize(adapted)
+    adapted.eval()
+    demos, prompts = prompts_of(tok)
+    shared, own = shared_split(adapted, prompts)
+    assert shared is not None and shared.tokens >= len(demos) >= MIN_SHARED
+    assert len({len(o) for o in own}) == 3                    # rows of different lengths: padding is exercised
+    whole = score_prompts(adapted, prompts, batch_size=3, share=False)
+    torch.testing.assert_close(score_prompts(adapted, prompts, batch_size=3), whole, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ("none", "lora", "prompt", "prefix", "ladder"))
+def test_decoding_with_a_shared_prefix_gives_the_same_logits(method):
+    model, tok = causal("llama")
+    adapted = lmadapt.attach(model, method, tokenizer=tok)
+    randomize(adapted)
+    adapted.eval()
+    demos, prompts = prompts_of(tok)
+    enc = adapted.input_encoder()
+    whole = enc.collate([{"input_ids": p} for p in prompts])
+    tokens, scores = adapted.generate(whole["input_ids"], whole["attention_mask"], max_new_tokens=6,
+                                      output_scores=True, eos_token_id=[])
+    n = common_prefix(prompts)
+    shared = SharedPrefix(adapted, prompts[0][:n])
+    own = enc.collate([{"input_ids": p[n:]} for p in prompts])
+    t2, s2 = adapted.generate(own["input_ids"], own["attention_mask"], max_new_tokens=6, output_scores=True,
+                              eos_token_id=[], shared_prefix=shared)
+    torch.testing.assert_close(s2, scores, atol=2e-5, rtol=1e-5)
+    assert torch.equal(t2, tokens)
+    # decode_prompts shares on its own and gives the same text as whole prompts
+    assert decode_prompts(adapted, prompts, max_new_tokens=4, stops=()) == \
+        decode_prompts(adapted, prompts, max_new_tokens=4, stops=(), share=False)
+
+
+def test_a_short_common_prefix_is_not_shared_and_beams_or_routes_are_refused():
+    model, tok = causal("llama")
+    adapted = lmadapt.attach(model, "lora", tokenizer=tok)
+    short = [ids(tok, "the food was good"), ids(tok, "the cafe was bad")]
+    assert shared_split(adapted, short)[0] is None
+    demos, prompts = prompts_of(tok)
+    shared = SharedPrefix(adapted, demos)
+    x = torch.tensor([ids(tok, "the food")])
+    with pytest.raises(ValueError, match="shared_prefix"):
+        adapted.generate(x, num_beams=2, shared_prefix=shared)
+    with pytest.raises(ValueError, match="shared_prefix"):
+        adapted.generate(x, slot_ids=torch.tensor([0]), shared_prefix=shared)
+
+
+def test_the_growing_cache_appends_in_place_and_a_fork_never_overwrites_the_newest():
+    from lmadapt.kv_loop import _append
+    a = torch.randn(2, 3, 5, 4)
+    k1 = _append(a, torch.randn(2, 3, 1, 4))                  # a plain tensor: copied once into a buffer
+    assert torch.equal(k1[:, :, :5], a) and k1._base is not None
+    x = torch.randn(2, 3, 1, 4)
+    k2 = _append(k1, x)
+    assert k2.data_ptr() == k1.data_ptr() and torch.equal(k2[:, :, 6:], x)    # in place: no copy
+    snapshot = k2.clone()
+    fork = _append(k1, torch.zeros(2, 3, 1, 4))                # k1 is no longer the newest view
+    assert fork.data_ptr() != k2.data_ptr() and torch.equal(k2, snapshot)
+    assert torch.equal(fork[:, :, :6], k1) and not fork[:, :, 6:].any()
+    cropped = k2[:, :, :-1]
+    c2 = _append(cropped, torch.ones(2, 3, 1, 4))              # a cropped view copies as well
+    assert torch.equal(k2, snapshot) and torch.equal(c2[:, :, 6], torch.ones(2, 3, 4))
+    big = k2
+    for _ in range(100):                                       # past the spare capacity: it grows
+        big = _append(big, torch.randn(2, 3, 1, 4))
+    assert big.shape == (2, 3, 107, 4) and torch.equal(big[:, :, :7], snapshot)
