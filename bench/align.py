@@ -195,6 +195,9 @@ def main():
     ap.add_argument("--ppo-steps", type=int, default=100)
     ap.add_argument("--speed-steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--sft-batch-size", type=int, help="SFT's batch (default: --batch-size)")
+    ap.add_argument("--reuse-sft", action="store_true",
+                    help="keep OUT/sft of an earlier run (same --sft-steps) instead of training it again")
     ap.add_argument("--max-train", type=int, help="random subset of each training set (default: all)")
     ap.add_argument("--max-eval", type=int, default=200, help="held-out pairs for RM and DPO accuracy")
     ap.add_argument("--win-prompts", type=int, default=100, help="held-out alpaca prompts for the win rates")
@@ -233,11 +236,18 @@ def main():
 
     # 1. SFT on alpaca
     def sft():
+        done = out / "sft" / "result.json"
+        if a.reuse_sft and done.exists():       # a finished SFT of an earlier run of this script
+            r = json.loads(done.read_text())
+            if r.get("steps") != a.sft_steps:
+                raise SystemExit(f"--reuse-sft: {done} ran {r.get('steps')} steps, not --sft-steps {a.sft_steps}")
+            print(f"sft: reusing {done}", flush=True)
+            return r
         model, tok, _ = stage_model(a)
         ad = lmadapt.attach(model, "lora", tokenizer=tok, init_seed=0, **lora)
         return align.sft(ad, "alpaca", out=out / "sft", max_steps=a.sft_steps, eval_every=a.sft_steps,
                          max_response_length=a.max_response_length, max_new_tokens=a.max_new_tokens,
-                         **(common | {"max_eval": min(a.max_eval, 50)}))
+                         **(common | {"max_eval": min(a.max_eval, 50), "batch_size": a.sft_batch_size or a.batch_size}))
     r_sft = stage("sft", sft)
 
     # 2. reward model on the SFT model (InstructGPT initializes the RM from SFT)
