@@ -12,7 +12,7 @@ import functools
 import torch
 
 from .beam import beam_search
-from .kv_loop import ban_repeated_ngrams, start, step
+from .kv_loop import ban_repeated_ngrams, next_logits, start, step
 from .precision import autocast
 
 
@@ -86,7 +86,7 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
         out, scores = [], []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            logits = lm_head(hidden[:, -1]).float()  # (B, V)
+            logits = next_logits(lm_head, hidden[:, -1]).float()  # (B, V)
             if no_repeat_ngram_size and out:
                 logits = ban_repeated_ngrams(logits, torch.stack(out, 1), no_repeat_ngram_size)
             if output_scores:

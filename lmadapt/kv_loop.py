@@ -32,6 +32,22 @@ def step(adapted, nxt, cache, full_mask, pos):
     return hidden, cache, full_mask, pos
 
 
+def next_logits(lm_head, h: torch.Tensor) -> torch.Tensor:
+    """lm_head(h) for a decode step's rows h (B, H), without autograd. On CPU the product is taken
+    as (W @ h.T).T: at a few to a few dozen rows, BLAS splits that shape over threads far better
+    than h @ W.T over a 49k-word vocabulary (bench: 24 vs 42 ms at 32 rows on 2 cores); the sum per
+    logit is the same dot product."""
+    w = getattr(lm_head, "weight", None)
+    if (type(lm_head) is not torch.nn.Linear or lm_head.bias is not None or h.dim() != 2 or h.device.type != "cpu"
+            or torch.is_grad_enabled() or not 1 < h.shape[0] <= 256):
+        return lm_head(h)
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return (w.to(dt) @ h.to(dt).t()).t()
+    return (w @ h.to(w.dtype).t()).t()
+
+
 def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
     """scores (R, V), generated (R, t) -> scores with -inf at every token that would complete an
     n-gram already in `generated` (HF's no_repeat_ngram_size, over the generated tokens only)."""

@@ -105,3 +105,18 @@ def test_the_growing_cache_appends_in_place_and_a_fork_never_overwrites_the_newe
     for _ in range(100):                                       # past the spare capacity: it grows
         big = _append(big, torch.randn(2, 3, 1, 4))
     assert big.shape == (2, 3, 107, 4) and torch.equal(big[:, :, :7], snapshot)
+
+
+def test_next_logits_equal_the_lm_head_in_fp32_and_under_autocast():
+    from lmadapt.kv_loop import next_logits
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    h = torch.randn(7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(next_logits(head, h), head(h), atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = next_logits(head, h), head(h)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+    g = next_logits(head, h.requires_grad_())          # with autograd on, the module itself runs
+    assert g.grad_fn is not None and torch.allclose(g, head(h))

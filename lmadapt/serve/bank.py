@@ -205,6 +205,10 @@ class Bank:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
 
+    @property
+    def lm_head_module(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
     def extend(self, rows: list[Resident], enc: Encoded, idx: torch.Tensor, cont: torch.Tensor):
         """Continue rows `idx` of a first pass from its cache with the M continuations cont (M, L)
         -> hidden (b, M, L, H) (the verbalizer's multi-token words, as Adapted._extend)."""
