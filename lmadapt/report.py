@@ -107,14 +107,22 @@ def write_csv(rows: list[dict], path) -> None:
 
 # --- aggregation ---------------------------------------------------------------------------------
 
+class Spread(tuple):
+    """(mean, std) that also knows how many values it summarizes (`n`)."""
+    n: int = 0
+
+
 def spread(values) -> tuple[float, float] | None:
-    """(mean, sample standard deviation; 0 for one value) of the values that are not None."""
+    """(mean, sample standard deviation; 0 for one value) of the values that are not None, as a
+    Spread (its .n: how many)."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return None
     mean = sum(vals) / len(vals)
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std
+    out = Spread((mean, std))
+    out.n = len(vals)
+    return out
 
 
 def _shots_key(shots) -> float:
@@ -169,7 +177,11 @@ def fmt_bytes(n) -> str:
 
 
 def _ms(m, digits=1) -> str:
-    return "-" if m is None else f"{m[0]:.{digits}f} ± {m[1]:.{digits}f}"
+    if m is None:
+        return "-"
+    if getattr(m, "n", 0) == 1:    # one seed: no spread to show (not "± 0.0")
+        return f"{m[0]:.{digits}f} (1 seed)"
+    return f"{m[0]:.{digits}f} ± {m[1]:.{digits}f}"
 
 
 def which_to_use(groups: list[dict]) -> list[str]:

@@ -176,3 +176,10 @@ def test_generation_runs_show_every_dev_metric(tmp_path):
     from lmadapt.report import task_table
     header, trs = task_table(aggregate(rows))
     assert header[3:5] == ["dev bleu", "dev rouge_l"] and trs[0][3:5] == ["61.0 ± 1.4", "67.0 ± 1.4"]
+
+
+def test_one_seed_reads_as_one_seed_not_plus_minus_zero():
+    from lmadapt.report import _ms, spread
+    assert _ms(spread([71.25])) == "71.2 (1 seed)"
+    assert _ms(spread([70.0, 72.0])) == "71.0 ± 1.4"
+    assert _ms(spread([None])) == "-"
