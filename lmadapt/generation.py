@@ -80,26 +80,40 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
                                no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping,
                                output_scores=output_scores)
     B, T = input_ids.shape
+    dev = input_ids.device
     lm_head = adapted.model.get_output_embeddings()
+    # Rows that finished leave the batch (their cache rows too) once they are a quarter of it:
+    # a batch of chains that stop at different lengths then costs what its live rows cost. With
+    # output_scores every row stays, so each row's scores cover every step.
+    compact = not output_scores
     with adapted.slots.route(slot_ids):
         hidden, cache, full_mask, pos = start(adapted, input_ids, mask, shared_prefix)
-        out, scores = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = next_logits(lm_head, hidden[:, -1]).float()  # (B, V)
-            if no_repeat_ngram_size and out:
-                logits = ban_repeated_ngrams(logits, torch.stack(out, 1), no_repeat_ngram_size)
+        tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
+        rows = torch.arange(B, device=dev)          # the input row of each row still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        scores, n = [], 0
+        for t in range(max_new_tokens):
+            logits = next_logits(lm_head, hidden[:, -1]).float()  # (b, V)
+            if no_repeat_ngram_size and t:
+                logits = ban_repeated_ngrams(logits, tokens[rows, :t], no_repeat_ngram_size)
             if output_scores:
                 scores.append(logits)
             nxt = _pick(logits, do_sample, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            out.append(nxt)
+            tokens[rows, t] = nxt
+            n = t + 1
             if len(eos):
                 done |= torch.isin(nxt, eos)
             if bool(done.all()):
                 break
+            if compact and int(done.sum()) >= max(1, len(rows) // 4):
+                keep = (~done).nonzero().squeeze(1)
+                rows, done, nxt, full_mask, pos = rows[keep], done[keep], nxt[keep], full_mask[keep], pos[keep]
+                cache.reorder_cache(keep)
+                if adapted.slots.ids is not None:
+                    adapted.slots.ids = adapted.slots.ids[keep]
             hidden, cache, full_mask, pos = step(adapted, nxt, cache, full_mask, pos)
-    tokens = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+    tokens = tokens[:, :n]
     if output_scores:
         return tokens, (torch.stack(scores, 1) if scores else torch.zeros(B, 0, lm_head.out_features))
     return tokens

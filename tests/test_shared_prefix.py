@@ -120,3 +120,28 @@ def test_next_logits_equal_the_lm_head_in_fp32_and_under_autocast():
         torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
     g = next_logits(head, h.requires_grad_())          # with autograd on, the module itself runs
     assert g.grad_fn is not None and torch.allclose(g, head(h))
+
+
+@pytest.mark.parametrize("method", ("none", "lora", "prefix", "ladder"))
+def test_finished_rows_leave_the_batch_and_the_rest_decode_the_same(method):
+    """Rows that stop early are dropped from the batch (cache rows, slots too); the others must
+    decode exactly what they decode when every row stays (output_scores keeps every row)."""
+    model, tok = causal("llama")
+    one = method == "ladder"                       # one set of weights: no slots
+    adapted = lmadapt.attach(model, method, tokenizer=tok, slots=1 if one else 2)
+    randomize(adapted)
+    adapted.eval()
+    texts = ["the food", "a very boring film and the actor was awful", "fun", "the cafe was cheap", "bad plot"]
+    x = adapted.input_encoder().collate([{"input_ids": ids(tok, t)} for t in texts])
+    slots = None if one else torch.tensor([0, 1, 1, 0, 1])
+    free, _ = adapted.generate(x["input_ids"], x["attention_mask"], slot_ids=slots, max_new_tokens=10,
+                               eos_token_id=[], output_scores=True)
+    # stop tokens that end rows 0 and 2 early (their 2nd and 3rd tokens), not the others
+    stop = [int(free[0, 1]), int(free[2, 2])]
+    keep_going = [r for r in range(5) if not any(int(t) in stop for t in free[r, :9])]
+    assert keep_going, "the random model hit a stop token in every row; pick other rows"
+    whole, _ = adapted.generate(x["input_ids"], x["attention_mask"], slot_ids=slots, max_new_tokens=10,
+                                eos_token_id=stop, output_scores=True)
+    compacted = adapted.generate(x["input_ids"], x["attention_mask"], slot_ids=slots, max_new_tokens=10,
+                                 eos_token_id=stop)
+    assert torch.equal(compacted, whole)
