@@ -35,7 +35,7 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, output_scores: bool = False,
              num_beams: int = 1, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-             early_stopping: bool | str = False, shared_prefix=None):
+             early_stopping: bool | str = False, shared_prefix=None, min_new_tokens: int = 0):
     """-> new tokens (B, <= max_new_tokens); rows that finished early are padded with pad_token_id.
     With output_scores=True: (tokens, scores), scores (B, n, V) the float32 logits each step chose
     from (what tests compare: token ids alone hide small position errors).
@@ -47,7 +47,9 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     precision: 'auto' | 'fp32' | 'bf16' runs the decode under that precision (precision.py); None
     (the default) leaves it to the caller's context, as evaluation does.
     shared_prefix: a kv_loop.SharedPrefix every row starts with (encoded once); input_ids are then
-    only what follows it in each row. Greedy or sampled, one slot route for every row."""
+    only what follows it in each row. Greedy or sampled, one slot route for every row.
+    min_new_tokens: the stop tokens (eos_token_id) cannot be chosen before this many new tokens
+    (HF's min_new_tokens): a chat model that would end its turn at once must answer first."""
     if adapted.head is not None:
         raise ValueError("generate() needs an LM (no classification head): attach without num_labels")
     if not adapted.causal:
@@ -96,6 +98,8 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
             logits = next_logits(lm_head, hidden[:, -1]).float()  # (b, V)
             if no_repeat_ngram_size and t:
                 logits = ban_repeated_ngrams(logits, tokens[rows, :t], no_repeat_ngram_size)
+            if t < min_new_tokens and len(eos):
+                logits[:, eos] = float("-inf")
             if output_scores:
                 scores.append(logits)
             nxt = _pick(logits, do_sample, temperature, top_p, generator)

@@ -145,3 +145,13 @@ def test_finished_rows_leave_the_batch_and_the_rest_decode_the_same(method):
     compacted = adapted.generate(x["input_ids"], x["attention_mask"], slot_ids=slots, max_new_tokens=10,
                                  eos_token_id=stop)
     assert torch.equal(compacted, whole)
+
+
+def test_min_new_tokens_holds_back_the_stop_tokens():
+    model, tok = causal("llama")
+    adapted = lmadapt.attach(model, "none", tokenizer=tok)
+    x = torch.tensor([ids(tok, "the movie was fun it was")])
+    first = int(adapted.generate(x, max_new_tokens=1, eos_token_id=[])[0, 0])
+    assert adapted.generate(x, max_new_tokens=4, eos_token_id=[first]).tolist() == [[first]]   # it stops at once
+    held, scores = adapted.generate(x, max_new_tokens=4, eos_token_id=[first], min_new_tokens=1, output_scores=True)
+    assert int(held[0, 0]) != first and scores[0, 0, first] == float("-inf")

@@ -39,6 +39,7 @@ class CotConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256        # a chain
     direct_max_new_tokens: int = 16  # an answer-only continuation
+    min_new_tokens: int = 1          # no stop before the first token: a chat model ends its turn at once otherwise
     direct: bool = True              # the answer-only baseline
     seed: int = 0                    # which exemplars, and the sampling
     separator: str = "\n\n"
@@ -122,7 +123,7 @@ def run_cot(adapted, task, cfg: CotConfig, *, queries=None, split: str = "test",
 
     def decode(prompts, max_new, desc, **sampling):
         return decode_prompts(adapted, prompts, max_new_tokens=max_new, stops=stops, batch_size=cfg.batch_size,
-                              progress=progress, desc=desc, **sampling)
+                              progress=progress, desc=desc, min_new_tokens=cfg.min_new_tokens, **sampling)
 
     adapted.eval()
     metrics, outputs, info = {}, {}, {}
