@@ -3,6 +3,8 @@ share: encode the prompts once, then feed one token per row at explicit position
 rows and rows with virtual tokens or a key/value prefix decode exactly like each row alone."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -141,6 +143,7 @@ def _append(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return base[:, :, :L + n]
 
 
+@functools.cache
 def _growing_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -155,18 +158,13 @@ def _growing_layer_class():
     return GrowingLayer
 
 
-_GROWING: list = []
-
-
 def growing(cache):
     """`cache` (a DynamicCache) with its plain layers switched to in-place appending; the same
     object. Other cache types (a method's own, sliding-window layers) are left as they are."""
     from transformers.cache_utils import DynamicLayer
-    if not _GROWING:
-        _GROWING.append(_growing_layer_class())
     for layer in getattr(cache, "layers", ()):
         if type(layer) is DynamicLayer:
-            layer.__class__ = _GROWING[0]
+            layer.__class__ = _growing_layer_class()
     return cache
 
 

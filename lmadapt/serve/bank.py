@@ -203,11 +203,8 @@ class Bank:
         return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(L)], config=self.model.config)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.get_output_embeddings()(hidden)
-
-    @property
-    def lm_head_module(self) -> torch.nn.Module:
-        return self.model.get_output_embeddings()
+        from ..kv_loop import next_logits
+        return next_logits(self.model.get_output_embeddings(), hidden)
 
     def extend(self, rows: list[Resident], enc: Encoded, idx: torch.Tensor, cont: torch.Tensor):
         """Continue rows `idx` of a first pass from its cache with the M continuations cont (M, L)

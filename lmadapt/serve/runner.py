@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation import _pick
-from ..kv_loop import growing_cache, next_logits
+from ..kv_loop import growing_cache
 
 
 def left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +72,7 @@ class DecodeBatch:
         rows = [s.route for s in seqs]
         with bank.route(rows):
             enc = bank.encode(ids, mask, use_cache=True)
-        logits = next_logits(bank.lm_head_module, enc.hidden[:, -1]).float()                    # (b, V)
+        logits = bank.lm_head(enc.hidden[:, -1]).float()                    # (b, V)
         kv = [(layer.keys, layer.values) for layer in enc.cache.layers]
         if not self.seqs:
             self.seqs, self.mask, self.pos, self.logits = list(seqs), enc.mask, enc.pos[:, -1], logits
@@ -119,7 +119,7 @@ class DecodeBatch:
             enc = bank.encode(nxt.unsqueeze(1), self.mask, position_ids=self.pos.unsqueeze(1),
                               cache=cache, use_cache=True)
         self.cache = [(layer.keys, layer.values) for layer in enc.cache.layers]
-        self.logits = next_logits(bank.lm_head_module, enc.hidden[:, -1]).float()
+        self.logits = bank.lm_head(enc.hidden[:, -1]).float()
 
     def cancel_all(self) -> None:
         for s in self.seqs:
