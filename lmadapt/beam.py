@@ -34,7 +34,7 @@ from .kv_loop import ban_repeated_ngrams, start, step
 
 def beam_search(adapted, input_ids, mask, *, num_beams: int, max_new_tokens: int, eos: torch.Tensor,
                 pad_token_id: int, length_penalty: float, no_repeat_ngram_size: int,
-                early_stopping: bool | str, output_scores: bool):
+                early_stopping: bool | str, output_scores: bool, min_new_tokens: int = 0):
     """Called by generate() inside the slot route of the B prompts -> the best hypothesis per row,
     tokens (B, <= max_new_tokens) padded with pad_token_id; with output_scores also (B, n) float32
     log-probs of those tokens (0 after the end): its score is their sum / length ** length_penalty."""
@@ -59,6 +59,8 @@ def beam_search(adapted, input_ids, mask, *, num_beams: int, max_new_tokens: int
         logp = torch.log_softmax(lm_head(last).float(), -1)            # (B*N, V)
         if no_repeat_ngram_size:
             logp = ban_repeated_ngrams(logp, seqs, no_repeat_ngram_size)
+        if t < min_new_tokens and len(eos):
+            logp[:, eos] = float("-inf")                              # as HF's MinLengthLogitsProcessor
         V = logp.shape[-1]
         # Every EOS id of every beam may rank above the rest: K candidates always hold N others.
         K = min(max(2, 1 + len(eos)) * N, N * V)

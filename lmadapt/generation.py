@@ -60,6 +60,8 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping must be one of: True, False, 'never'; got {early_stopping!r}")
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
     if num_beams > 1 and do_sample:
         raise ValueError("do_sample=True with num_beams > 1 (beam sampling) is not supported: "
                          "use num_beams=1 to sample, or do_sample=False for beam search")
@@ -80,7 +82,7 @@ def generate(adapted, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
             return beam_search(adapted, input_ids, mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                eos=eos, pad_token_id=pad_token_id, length_penalty=length_penalty,
                                no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping,
-                               output_scores=output_scores)
+                               output_scores=output_scores, min_new_tokens=min_new_tokens)
     B, T = input_ids.shape
     dev = input_ids.device
     lm_head = adapted.model.get_output_embeddings()

@@ -155,3 +155,15 @@ def test_min_new_tokens_holds_back_the_stop_tokens():
     assert adapted.generate(x, max_new_tokens=4, eos_token_id=[first]).tolist() == [[first]]   # it stops at once
     held, scores = adapted.generate(x, max_new_tokens=4, eos_token_id=[first], min_new_tokens=1, output_scores=True)
     assert int(held[0, 0]) != first and scores[0, 0, first] == float("-inf")
+
+
+def test_min_new_tokens_holds_back_the_stop_tokens_in_beam_search():
+    model, tok = causal("llama")
+    adapted = lmadapt.attach(model, "none", tokenizer=tok)
+    x = torch.tensor([ids(tok, "the movie was fun it was")])
+    _, scores = adapted.generate(x, max_new_tokens=1, eos_token_id=[], output_scores=True)
+    likely = scores[0, 0].topk(50).indices.tolist()          # every token a beam would start with
+    held = adapted.generate(x, max_new_tokens=3, eos_token_id=likely, num_beams=2, min_new_tokens=1)
+    assert held.shape[1] >= 1 and int(held[0, 0]) not in likely
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        adapted.generate(x, max_new_tokens=2, min_new_tokens=-1)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..kv_loop import next_logits
 from ..methods import Method, get_method
 from ..models import fingerprint, is_causal
 from ..precision import autocast
@@ -203,7 +204,6 @@ class Bank:
         return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(L)], config=self.model.config)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        from ..kv_loop import next_logits
         return next_logits(self.model.get_output_embeddings(), hidden)
 
     def extend(self, rows: list[Resident], enc: Encoded, idx: torch.Tensor, cont: torch.Tensor):
