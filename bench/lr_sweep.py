@@ -27,7 +27,8 @@ from lmadapt.compare import Cell, base_loader, run_grid, train_cell
 from lmadapt.methods import METHODS
 from lmadapt.tasks import get_task
 
-SKIP = ("none",)  # nothing trains
+SKIP = ("none",  # nothing trains
+        "ipt")   # tunes d numbers through a decoder that IPT trains first (bench/learned_prompts.py, part ipt)
 
 
 def lrs_of(a) -> dict[str, list[float]]:
@@ -39,6 +40,9 @@ def lrs_of(a) -> dict[str, list[float]]:
     factors = [float(f) for f in a.factors.split(",")]
     out = {}
     for m in methods:
+        if m == "ipt":
+            raise SystemExit("lr_sweep: method 'ipt' needs a prompt decoder trained by IPT first; "
+                             "its subspace tuning is measured by bench/learned_prompts.py --parts ipt")
         lmadapt.get_method(m)  # unknown names fail here
         out[m] = given.get(m) or sorted({float(f"{METHODS[m].default_lr * f:.2g}") for f in factors})
     return out

@@ -164,3 +164,26 @@ def test_run_grid_runs_its_shard_and_retries_failed_cells(tmp_path):
     again = run_grid(cells, tmp_path, run, shard=(1, 2), log=lambda s: None)
     assert again["ran"] == [Cell("t", "b", 4, 0)] and not again["failed"]   # only the failed one, retried
     assert not (tmp_path / "t/b/shots-4/seed-0/error.json").exists()
+
+
+def _lr_sweep_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "lr_sweep.py"
+    spec = importlib.util.spec_from_file_location("lr_sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lr_sweep_default_methods_all_construct():
+    """The sweep's default method list (every registered method but those it skips) must build with
+    no arguments: a method with a required argument (ipt's decoder) crashed the whole sweep."""
+    import argparse
+    from lmadapt.methods import METHODS
+    sweep = _lr_sweep_module()
+    lrs = sweep.lrs_of(argparse.Namespace(methods=None, lrs=None, factors="0.1,1,10"))
+    assert set(lrs) == set(METHODS) - set(sweep.SKIP) and "lora" in lrs and "ipt" not in lrs
+    assert lrs["lora"] == sorted({float(f"{METHODS['lora'].default_lr * f:.2g}") for f in (0.1, 1, 10)})
+    with pytest.raises(SystemExit, match="ipt"):
+        sweep.lrs_of(argparse.Namespace(methods="lora,ipt", lrs=None, factors="1"))
