@@ -27,8 +27,10 @@ from lmadapt.compare import Cell, base_loader, run_grid, train_cell
 from lmadapt.methods import METHODS
 from lmadapt.tasks import get_task
 
-SKIP = ("none",  # nothing trains
-        "ipt")   # tunes d numbers through a decoder that IPT trains first (bench/learned_prompts.py, part ipt)
+# Methods that cannot be built from defaults alone, and why: refused when asked for, skipped by default.
+UNSWEPT = {"ipt": "needs a prompt decoder trained by IPT first; its subspace tuning is measured by "
+                  "bench/learned_prompts.py --parts ipt"}
+SKIP = ("none", *UNSWEPT)  # none: nothing trains
 
 
 def lrs_of(a) -> dict[str, list[float]]:
@@ -40,9 +42,8 @@ def lrs_of(a) -> dict[str, list[float]]:
     factors = [float(f) for f in a.factors.split(",")]
     out = {}
     for m in methods:
-        if m == "ipt":
-            raise SystemExit("lr_sweep: method 'ipt' needs a prompt decoder trained by IPT first; "
-                             "its subspace tuning is measured by bench/learned_prompts.py --parts ipt")
+        if m in UNSWEPT:
+            raise SystemExit(f"lr_sweep: method '{m}' {UNSWEPT[m]}")
         lmadapt.get_method(m)  # unknown names fail here
         out[m] = given.get(m) or sorted({float(f"{METHODS[m].default_lr * f:.2g}") for f in factors})
     return out
