@@ -30,7 +30,13 @@ def _args(tiny_dir, files, out, *more):
 
 
 def _done(out) -> dict:
-    return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    """Finished cells -> result.json's mtime. Walked while a grid runs: a checkpoint's temp folder can
+    be renamed away mid-walk (atomic writes), so a walk that meets one vanishing starts again."""
+    while True:
+        try:
+            return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("result.json")}
+        except FileNotFoundError:
+            continue
 
 
 def test_grid_resumes_after_a_kill(tiny_dir, files, tmp_path, capsys):
