@@ -18,7 +18,9 @@ and standard deviation over the seeds of test accuracy. Parts (`--parts`):
   the sentiment cluster is not among the training tasks) d-dim tuning vs full prompt tuning, and
   the share of prompt tuning's accuracy above chance that d numbers recover.
 
-Runs are resumable: every finished run leaves OUT/runs/.../row.json and is not run again.
+Runs are resumable: every finished run leaves OUT/runs/.../row.json and is not run again. Rows of an
+earlier run's results.json (e.g. the committed docs/bench_learned_prompts.json) count as finished
+too with `--reuse FILE`, when that run used the same settings (a differing one is named and refused).
 
     PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --out runs/bench13     # everything
     PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --parts verbalizers --tasks sst2 --seeds 0 --out runs/b
@@ -62,11 +64,37 @@ def tiny_model_dir(path: Path) -> str:
     return str(path)
 
 
+# Settings a row's figure does not depend on: where it is written, what runs, what is reused.
+NOT_SETTINGS = ("out", "parts", "tasks", "seeds", "reuse", "ipt_heldout")
+
+
+def key_of(row) -> tuple:
+    return row["part"], row["task"], row["variant"], row["seed"]
+
+
+def reusable_rows(path, args: dict) -> dict[tuple, dict]:
+    """The rows of an earlier results.json, by (part, task, variant, seed), if it ran with `args`'
+    settings; SystemExit naming the file and the first setting that differs otherwise."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        old, rows = earlier["args"], earlier["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--reuse {path}: not a results.json of this benchmark ({e})")
+    for name, value in args.items():
+        if name not in NOT_SETTINGS and name in old and old[name] != value:
+            raise SystemExit(f"--reuse {path}: its runs used --{name.replace('_', '-')} {old[name]!r}, "
+                             f"this one {value!r}")
+    return {key_of(r): r for r in rows}
+
+
 class Bench:
     def __init__(self, a):
         self.a = a
         self.out = Path(a.out)
         self.rows = []
+        self.reused = {}
+        for path in a.reuse or []:
+            self.reused |= reusable_rows(path, vars(a))
 
     def load(self):
         return lmadapt.load(self.a.model)
@@ -83,11 +111,19 @@ class Bench:
             cfg["eval_every"] = a.eval_every
         return cfg
 
+    def done(self, part, task, variants, seed) -> bool:
+        """Whether every named variant's row exists (a run folder's or a reused one): then what
+        only those runs need (a search, a pre-trained prompt, decoders) is not made again."""
+        return all((self.out / "runs" / part / task / v / f"s{seed}" / "row.json").exists()
+                   or (part, task, v, seed) in self.reused for v in variants)
+
     def run(self, part, task, variant, seed, method, attach_kw, prepare=None, method_args=None):
         """One run (or its saved row): train on the few, select on the dev few, test on dev."""
         where = self.out / "runs" / part / task / variant / f"s{seed}"
         if (where / "row.json").exists():
             row = json.loads((where / "row.json").read_text())
+        elif (part, task, variant, seed) in self.reused:
+            row = self.reused[part, task, variant, seed]
         else:
             train, dev = few_shot(task, self.a.shots, seed)
             model, tok = self.load()
@@ -132,6 +168,12 @@ class Bench:
         from lmadapt.prompting.search import run_search
         t = lmadapt.api._task(task)
         hand_t, hand_w = t.pvps[0]
+        variants = ("hand template, hand words", "hand template, searched words",
+                    "searched template, searched words", "searched template, hand words")
+        if self.done("templates", task, variants, seed):
+            for name in variants:
+                self.run("templates", task, name, seed, self.a.method, {})
+            return
         where = self.out / "search" / task / f"s{seed}"
         if (where / "search.json").exists():
             found = json.loads((where / "search.json").read_text())
@@ -165,7 +207,7 @@ class Bench:
         return where
 
     def ppt(self, task, seed):
-        d = self.ppt_dir()
+        d = None if self.done("ppt", task, ("PPT init",), seed) else self.ppt_dir()
         for name, init in (("vocab init", "vocab"), ("PPT init", f"pretrained:{d}")):
             self.run("ppt", task, name, seed, "prompt", {}, method_args={"k": self.a.k, "init": init})
 
@@ -220,6 +262,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="smoke: a tiny random LLaMA with SmolLM2's tokenizer")
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default="verbalizers,templates,ppt,ipt")
+    ap.add_argument("--reuse", action="append", metavar="RESULTS_JSON",
+                    help="count the rows of an earlier results.json with the same settings as finished")
     ap.add_argument("--tasks", default="sst2,rte")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
@@ -275,8 +319,12 @@ def main():
             if "ppt" in parts:
                 b.ppt(task, seed)
     if "ipt" in parts:
-        decoders = b.ipt_decoders()
-        for task in a.ipt_heldout.split(","):
+        heldout = a.ipt_heldout.split(",")
+        dims = [int(x) for x in a.ipt_d.split(",")]
+        variants = ("prompt tuning (full)", *(f"ipt d={d}" for d in dims))
+        decoders = ({d: None for d in dims} if all(b.done("ipt", t, variants, s) for t in heldout for s in seeds)
+                    else b.ipt_decoders())
+        for task in heldout:
             for seed in seeds:
                 b.ipt(task, seed, decoders)
     summary = b.summary()

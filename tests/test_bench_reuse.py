@@ -1,0 +1,76 @@
+"""bench/learned_prompts.py --reuse: rows of an earlier results.json count as finished runs (run
+folders are not kept between machines; the committed json is), only when the settings match."""
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "learned_prompts.py"
+    spec = importlib.util.spec_from_file_location("learned_prompts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(part, task, variant, seed, acc):
+    return {"part": part, "task": task, "variant": variant, "seed": seed, "method": "lora",
+            "test_accuracy": acc, "n_test": 300, "dev_few_accuracy": 60.0, "trainable_params": 1,
+            "train_seconds": 1.0, "head": "verbalizer"}
+
+
+TEMPLATE_VARIANTS = ("hand template, hand words", "hand template, searched words",
+                     "searched template, searched words", "searched template, hand words")
+
+
+def _earlier(tmp_path, **args):
+    rows = [_row("verbalizers", "sst2", "manual", 0, 70.0), _row("ppt", "sst2", "vocab init", 0, 60.0),
+            _row("ppt", "sst2", "PPT init", 0, 65.0)]
+    rows += [_row("templates", "sst2", v, 0, 50.0 + i) for i, v in enumerate(TEMPLATE_VARIANTS)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"args": {"out": "runs/old", "shots": 16, "max_test": 300, "epochs": 10.0} | args,
+                                "rows": rows, "summary": []}))
+    return path
+
+
+def _args(tmp_path, reuse, **over):
+    base = {"out": str(tmp_path / "new"), "shots": 16, "max_test": 300, "epochs": 10.0, "reuse": reuse,
+            "parts": "verbalizers", "seeds": "0", "method": "lora", "k": 20}
+    return argparse.Namespace(**(base | over))
+
+
+def test_reused_rows_stand_for_runs_and_what_only_they_need(tmp_path, monkeypatch):
+    mod = _bench()
+    b = mod.Bench(_args(tmp_path, [str(_earlier(tmp_path))]))
+
+    def boom(*a, **k):
+        raise AssertionError("a reused run was run again")
+    monkeypatch.setattr(b, "load", boom)
+    monkeypatch.setattr(b, "ppt_dir", boom)                      # no pre-training for reused PPT rows
+    import lmadapt.prompting.search as search
+    monkeypatch.setattr(search, "run_search", boom)              # no template search for reused rows
+
+    assert b.run("verbalizers", "sst2", "manual", 0, "lora", {})["test_accuracy"] == 70.0
+    b.templates("sst2", 0)
+    b.ppt("sst2", 0)
+    assert [r["test_accuracy"] for r in b.rows] == [70.0, 50.0, 51.0, 52.0, 53.0, 60.0, 65.0]
+    assert not b.done("verbalizers", "sst2", ("soft",), 0) and not b.done("verbalizers", "sst2", ("manual",), 1)
+    # a row not in the file is run: it reaches the model
+    with pytest.raises(AssertionError, match="run again"):
+        b.run("verbalizers", "sst2", "soft", 0, "lora", {})
+
+
+def test_reuse_refuses_other_settings_and_names_the_setting(tmp_path):
+    mod = _bench()
+    earlier = str(_earlier(tmp_path))
+    with pytest.raises(SystemExit, match=r"--max-test 300.*this one 500"):
+        mod.Bench(_args(tmp_path, [earlier], max_test=500))
+    # where it ran, and which parts / seeds, are not settings of a row
+    mod.Bench(_args(tmp_path, [earlier], parts="ppt", seeds="0,1"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match="bad.json: not a results.json"):
+        mod.Bench(_args(tmp_path, [str(bad)]))
