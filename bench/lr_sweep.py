@@ -11,6 +11,12 @@ method, its margin over the majority class (classification), and writes OUT/swee
 
 The lrs: `--factors` times each method's default lr (`lmadapt methods`), or `--lrs METHOD:a,b,c`.
 
+OUT/sweep.json also holds every finished cell's result.json and the settings they ran with;
+`--reuse FILE` (such a sweep.json, e.g. a committed copy: run folders do not survive a new machine)
+counts its cells as finished when the settings match, and names the first one that differs
+otherwise. A cell's precision is its own (result.json "precision"): the table marks the cells that
+ran in another precision than the rest.
+
     OMP_NUM_THREADS=2 .venv/bin/python bench/lr_sweep.py --task sst2 --max-train 1000 --out runs/lr_sst2
     OMP_NUM_THREADS=2 .venv/bin/python bench/lr_sweep.py --task e2e_nlg --max-train 1000 --max-eval 200 \\
         --methods full,prompt,prefix,lora,adapter,bitfit --out runs/lr_e2e
@@ -59,6 +65,34 @@ def majority(task, data_root, max_eval) -> float | None:
     return 100.0 * max(labels.count(c) for c in set(labels)) / len(labels)
 
 
+def settings_of(a) -> dict:
+    """What a cell's figure depends on besides its method and lr (not where it is written)."""
+    return {"model": a.model, "task": a.task, "max_train": a.max_train, "max_eval": a.max_eval,
+            "max_steps": a.max_steps, "head": a.head, "seed": a.seed}
+
+
+def reuse(path, settings: dict, cells, out: Path) -> tuple[int, dict]:
+    """Write result.json of every cell of `cells` that the earlier sweep.json at `path` finished
+    and `out` has not; -> (how many, all of its results: kept in the new sweep.json, cells of
+    other methods too). SystemExit if that sweep ran with other settings."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        old, results = earlier["settings"], earlier["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--reuse {path}: not a sweep.json with settings and results ({e})")
+    for name, value in settings.items():
+        if old.get(name) != value:
+            raise SystemExit(f"--reuse {path}: its cells ran with {name} = {old.get(name)!r}, this sweep with {value!r}")
+    n = 0
+    for cell in cells:
+        folder = out / cell.path
+        if cell.path in results and not (folder / "result.json").exists():
+            write_json(folder / "result.json", results[cell.path])
+            write_json(folder / "cell.json", {"cell": cell.to_dict(), "reused_from": str(path)})
+            n += 1
+    return n, results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -74,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root")
     ap.add_argument("--out", required=True)
     ap.add_argument("--progress", action="store_true", help="per-run progress bars")
+    ap.add_argument("--reuse", action="append", metavar="SWEEP_JSON",
+                    help="count the cells of an earlier sweep.json with the same settings as finished")
     a = ap.parse_args(argv)
     task = get_task(a.task)
     lrs = lrs_of(a)
@@ -87,34 +123,48 @@ def main(argv=None) -> int:
     def run(cell, folder):
         train_cell(cell, folder, load_base=load_base, task=task, attach_args=attach_args, train_args=train_args,
                    ood=[], data_root=a.data_root, max_train=a.max_train)
+    carried = {}
+    for path in a.reuse or []:
+        n, earlier = reuse(path, settings_of(a), cells, out)
+        carried |= earlier
+        print(f"reused {n} finished cell(s) of {path}")
     run_grid(cells, out, run)
 
     base = majority(task, a.data_root, a.max_eval)
-    winners = {}
+    winners, results, precisions = {}, {}, {}
     for m, values in lrs.items():
         scores = {}
         for lr in values:
-            path = out / Cell(task.name, m, None, a.seed, (("lr", lr),)).path / "result.json"
+            cell = Cell(task.name, m, None, a.seed, (("lr", lr),))
+            path = out / cell.path / "result.json"
             if path.exists():
                 r = json.loads(path.read_text())
                 scores[lr] = r["best_dev"]
+                results[cell.path] = r
+                precisions[m, lr] = r.get("precision")
         if scores:
             best = max(scores, key=scores.get)
             winners[m] = {"lr": best, "dev": scores[best], "default_lr": METHODS[m].default_lr,
                           "scores": {str(k): v for k, v in scores.items()}}
     print(f"\n{task.name}: best dev {task.metric} per method x lr ({a.max_train} training examples, "
           f"defaults otherwise)" + (f"; majority class {base:.1f}" if base is not None else ""))
+    usual = max(set(precisions.values()), key=list(precisions.values()).count) if precisions else None
+    odd = lambda m, lr: f" ({precisions[m, lr]})" if (m, lr) in precisions and precisions[m, lr] != usual else ""
     for m, values in lrs.items():
         got = winners.get(m, {}).get("scores", {})
-        cells_txt = "  ".join(f"{lr:g}: " + (f"{got[str(lr)]:.1f}" if str(lr) in got else "failed") for lr in values)
+        cells_txt = "  ".join(f"{lr:g}: " + (f"{got[str(lr)]:.1f}{odd(m, lr)}" if str(lr) in got else "failed")
+                              for lr in values)
         print(f"  {m:10s} {cells_txt}")
+    if usual:
+        print(f"  (precision {usual}" + (", other precisions in brackets)" if any(odd(*k) for k in precisions) else ")"))
     print("\nwinner per method (default lr in brackets):")
     for m, w in winners.items():
         gain = f", {w['dev'] - base:+.1f} over the majority class" if base is not None else ""
         flag = "" if base is None or w["dev"] - base >= 20 else "  <- under the issue's 20-point goal"
         print(f"  {m:10s} lr {w['lr']:g} [{w['default_lr']:g}]: {w['dev']:.1f}{gain}{flag}")
     write_json(out / "sweep.json", {"task": task.name, "max_train": a.max_train, "majority": base,
-                                     "lrs": lrs, "winners": winners})
+                                     "lrs": lrs, "winners": winners, "settings": settings_of(a),
+                                     "results": carried | results})
     print(f"\nwrote {out / 'sweep.json'}")
     return 0
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import TOY_GEN, _toy_examples, make_model, make_tokenizer, subprocess_env
-from lmadapt.compare import Cell, check_options, make_grid, parse_seeds, parse_shard, train_command
+from lmadapt.compare import Cell, check_options, make_grid, parse_seeds, parse_shard, run_grid, train_command
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,35 @@ def test_lr_sweep_default_methods_all_construct():
     assert lrs["lora"] == sorted({float(f"{METHODS['lora'].default_lr * f:.2g}") for f in (0.1, 1, 10)})
     with pytest.raises(SystemExit, match="ipt"):
         sweep.lrs_of(argparse.Namespace(methods="lora,ipt", lrs=None, factors="1"))
+
+
+def test_lr_sweep_reuse_counts_earlier_cells_as_finished(tmp_path):
+    """--reuse SWEEP_JSON: the committed copy of a sweep stands for its run folders (they do not
+    survive a new machine); only with the same settings, and never over a cell's own result."""
+    import argparse
+    import json
+    sweep = _lr_sweep_module()
+    a = argparse.Namespace(model="smollm2-135m", task="sst2", max_train=1000, max_eval=None, max_steps=None,
+                           head=None, seed=0)
+    cells = [Cell("sst2", "lora", None, 0, (("lr", lr),)) for lr in (5e-4, 1.5e-3)]
+    earlier = {"settings": sweep.settings_of(a),
+               "results": {cells[0].path: {"best_dev": 81.0, "precision": "bf16"},
+                           "sst2/bitfit/shots-full/seed-0/lr-0.001": {"best_dev": 84.0}}}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(earlier))
+    out = tmp_path / "out"
+    n, results = sweep.reuse(path, sweep.settings_of(a), cells, out)
+    assert n == 1 and len(results) == 2              # other methods' cells are carried into the new sweep.json
+    assert json.loads((out / cells[0].path / "result.json").read_text())["best_dev"] == 81.0
+    assert not (out / cells[1].path).exists()        # not in the file: it runs
+    calls = []
+    run_grid(cells, out, lambda c, f: calls.append(c) or (f.mkdir(parents=True, exist_ok=True),
+                                                        (f / "result.json").write_text('{"best_dev": 1}')),
+             log=lambda s: None)
+    assert calls == [cells[1]]
+    assert sweep.reuse(path, sweep.settings_of(a), cells, out)[0] == 0    # a cell's own result is kept
+    with pytest.raises(SystemExit, match="max_train = 1000, this sweep with 500"):
+        sweep.reuse(path, sweep.settings_of(argparse.Namespace(**(vars(a) | {"max_train": 500}))), cells, out)
+    path.write_text('{"winners": {}}')
+    with pytest.raises(SystemExit, match="not a sweep.json"):
+        sweep.reuse(path, sweep.settings_of(a), cells, out)
