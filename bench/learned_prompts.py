@@ -24,6 +24,7 @@ too with `--reuse FILE`, when that run used the same settings (a differing one i
 
     PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --out runs/bench13     # everything
     PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --parts verbalizers --tasks sst2 --seeds 0 --out runs/b
+    PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --table --out runs/bench13   # the summary, running nothing
 
 Smoke (a tiny random LLaMA with SmolLM2's tokenizer; the figures mean nothing):
     PYTHONPATH=. .venv/bin/python bench/learned_prompts.py --tiny --max-test 16 --shots 2 --seeds 0 \\
@@ -65,7 +66,7 @@ def tiny_model_dir(path: Path) -> str:
 
 
 # Settings a row's figure does not depend on: where it is written, what runs, what is reused.
-NOT_SETTINGS = ("out", "parts", "tasks", "seeds", "reuse", "ipt_heldout")
+NOT_SETTINGS = ("out", "parts", "tasks", "seeds", "reuse", "ipt_heldout", "table")
 
 
 def key_of(row) -> tuple:
@@ -236,6 +237,34 @@ class Bench:
         for d, path in decoders.items():
             self.run("ipt", task, f"ipt d={d}", seed, "ipt", {}, method_args={"decoder": str(path)})
 
+    def run_parts(self):
+        parts = self.a.parts.split(",")
+        seeds = [int(s) for s in self.a.seeds.split(",")]
+        tasks = self.a.tasks.split(",")
+        for task in tasks:
+            for seed in seeds:
+                if "verbalizers" in parts:
+                    self.verbalizers(task, seed)
+                if "templates" in parts:
+                    self.templates(task, seed)
+                if "ppt" in parts:
+                    self.ppt(task, seed)
+        if "ipt" in parts:
+            heldout = self.a.ipt_heldout.split(",")
+            dims = [int(x) for x in self.a.ipt_d.split(",")]
+            variants = ("prompt tuning (full)", *(f"ipt d={d}" for d in dims))
+            decoders = ({d: None for d in dims} if all(self.done("ipt", t, variants, s) for t in heldout for s in seeds)
+                        else self.ipt_decoders())
+            for task in heldout:
+                for seed in seeds:
+                    self.ipt(task, seed, decoders)
+
+    def finished(self) -> list[dict]:
+        """Every row there is: OUT's run folders', then the reused rows they do not have."""
+        rows = [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*/*/*/s*/row.json"))]
+        have = {key_of(r) for r in rows}
+        return rows + [r for k, r in self.reused.items() if k not in have]
+
     # --- report ------------------------------------------------------------------------------------
     def summary(self) -> list[dict]:
         groups = {}
@@ -264,6 +293,9 @@ def main():
     ap.add_argument("--parts", default="verbalizers,templates,ppt,ipt")
     ap.add_argument("--reuse", action="append", metavar="RESULTS_JSON",
                     help="count the rows of an earlier results.json with the same settings as finished")
+    ap.add_argument("--table", action="store_true",
+                    help="run nothing: the summary of the rows there are (OUT's run folders, --reuse files), "
+                         "written to OUT/results.json")
     ap.add_argument("--tasks", default="sst2,rte")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
@@ -307,26 +339,10 @@ def main():
     if a.tiny:
         a.model = tiny_model_dir(Path(a.out) / "tiny-model")
     b = Bench(a)
-    parts = a.parts.split(",")
-    seeds = [int(s) for s in a.seeds.split(",")]
-    tasks = a.tasks.split(",")
-    for task in tasks:
-        for seed in seeds:
-            if "verbalizers" in parts:
-                b.verbalizers(task, seed)
-            if "templates" in parts:
-                b.templates(task, seed)
-            if "ppt" in parts:
-                b.ppt(task, seed)
-    if "ipt" in parts:
-        heldout = a.ipt_heldout.split(",")
-        dims = [int(x) for x in a.ipt_d.split(",")]
-        variants = ("prompt tuning (full)", *(f"ipt d={d}" for d in dims))
-        decoders = ({d: None for d in dims} if all(b.done("ipt", t, variants, s) for t in heldout for s in seeds)
-                    else b.ipt_decoders())
-        for task in heldout:
-            for seed in seeds:
-                b.ipt(task, seed, decoders)
+    if a.table:
+        b.rows = b.finished()
+    else:
+        b.run_parts()
     summary = b.summary()
     from lmadapt.cli import table
     print(table([[s["part"], s["task"], s["variant"], f"{s['mean']:.3f} ± {s['std']:.3f}", s["n_seeds"],

@@ -74,3 +74,18 @@ def test_reuse_refuses_other_settings_and_names_the_setting(tmp_path):
     bad.write_text('{"rows": []}')
     with pytest.raises(SystemExit, match="bad.json: not a results.json"):
         mod.Bench(_args(tmp_path, [str(bad)]))
+
+
+def test_table_rows_are_the_run_folders_then_the_reused_ones(tmp_path):
+    """--table runs nothing: its rows are OUT's run folders' and the reused rows they lack (a run
+    folder's row wins over a reused row of the same run)."""
+    mod = _bench()
+    b = mod.Bench(_args(tmp_path, [str(_earlier(tmp_path))]))
+    where = tmp_path / "new" / "runs" / "verbalizers" / "sst2" / "manual" / "s0"
+    where.mkdir(parents=True)
+    (where / "row.json").write_text(json.dumps(_row("verbalizers", "sst2", "manual", 0, 71.0)))
+    rows = b.finished()
+    assert len(rows) == 7 and rows[0]["test_accuracy"] == 71.0
+    assert sorted(mod.key_of(r) for r in rows) == sorted(b.reused)
+    s = {(x["part"], x["variant"]): x for x in mod.Bench.summary(argparse.Namespace(rows=rows))}
+    assert s["verbalizers", "manual"]["mean"] == 71.0 and s["templates", "hand template, hand words"]["n_seeds"] == 1
