@@ -139,7 +139,7 @@ class Bench:
             row = {"part": part, "task": task, "variant": variant, "seed": seed, "method": method,
                    "test_accuracy": test["accuracy"], "n_test": test["n"], "dev_few_accuracy": res["best_dev"],
                    "trainable_params": res["trainable_params"], "train_seconds": res["train_seconds"],
-                   "head": adapted.meta()["head"].get("kind")}
+                   "head": adapted.meta()["head"].get("kind"), "precision": res.get("precision")}
             write_json(where / "row.json", row)
         print(json.dumps(row), flush=True)
         self.rows.append(row)

@@ -149,7 +149,9 @@ def main(argv=None) -> int:
     print(f"\n{task.name}: best dev {task.metric} per method x lr ({a.max_train} training examples, "
           f"defaults otherwise)" + (f"; majority class {base:.1f}" if base is not None else ""))
     usual = max(set(precisions.values()), key=list(precisions.values()).count) if precisions else None
-    odd = lambda m, lr: f" ({precisions[m, lr]})" if (m, lr) in precisions and precisions[m, lr] != usual else ""
+
+    def odd(m, lr) -> str:   # a cell of another precision than most says which
+        return f" ({precisions[m, lr]})" if (m, lr) in precisions and precisions[m, lr] != usual else ""
     for m, values in lrs.items():
         got = winners.get(m, {}).get("scores", {})
         cells_txt = "  ".join(f"{lr:g}: " + (f"{got[str(lr)]:.1f}{odd(m, lr)}" if str(lr) in got else "failed")
