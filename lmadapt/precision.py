@@ -5,11 +5,16 @@ float32, and so do the fused linear + cross-entropy and every loss).
 matmul instructions (AVX512-BF16 or AMX) that oneDNN uses. Elsewhere bf16 is emulated and far
 slower than float32 (measured on an AVX2-only AMD EPYC: a 576 x 1536 Linear ran at 16 GFLOP/s
 under bf16 autocast against 72 in float32), so `auto` stays float32 there. `bf16` forces it anyway.
+
+LMADAPT_CPU_BF16=0 (or 1) overrides the CPU's answer, for `auto` in this process and the ones it
+starts: float32 figures on a bf16 CPU (the test suite sets 0, so that its hand-computed values do
+not depend on the machine), or bf16 on a CPU whose flags are not visible.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -30,9 +35,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+ENV = "LMADAPT_CPU_BF16"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX) and oneDNN can use it."""
+    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX) and oneDNN can use it, or
+    what LMADAPT_CPU_BF16 (0 / 1) says."""
+    forced = os.environ.get(ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{ENV}={forced!r}: set it to 0 (float32) or 1 (bf16), or unset it")
+        return forced == "1"
     if not cpu_flags() & set(BF16_FLAGS):
         return False
     try:

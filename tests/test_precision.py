@@ -25,6 +25,7 @@ def test_resolve(monkeypatch):
 
 
 def test_cpu_flag_detection(monkeypatch):
+    monkeypatch.delenv(prec.ENV)       # conftest pins it to 0
     prec.cpu_has_fast_bf16.cache_clear()
     try:
         monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx2", "fma"})
@@ -33,6 +34,26 @@ def test_cpu_flag_detection(monkeypatch):
         monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
         assert prec.cpu_has_fast_bf16() is True
+    finally:
+        prec.cpu_has_fast_bf16.cache_clear()
+
+
+def test_env_overrides_the_cpu(monkeypatch):
+    monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    try:
+        for value, want in (("0", "fp32"), ("1", "bf16"), ("", "bf16")):
+            monkeypatch.setenv(prec.ENV, value)
+            prec.cpu_has_fast_bf16.cache_clear()
+            assert prec.resolve("auto", "cpu") == want, value
+        monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx2"})
+        monkeypatch.setenv(prec.ENV, "1")
+        prec.cpu_has_fast_bf16.cache_clear()
+        assert prec.resolve("auto", "cpu") == "bf16"
+        monkeypatch.setenv(prec.ENV, "yes")
+        prec.cpu_has_fast_bf16.cache_clear()
+        with pytest.raises(ValueError, match="LMADAPT_CPU_BF16='yes': set it to 0"):
+            prec.resolve("auto", "cpu")
     finally:
         prec.cpu_has_fast_bf16.cache_clear()
 
