@@ -25,6 +25,15 @@ from lmadapt.tasks import Task
 REPO = Path(__file__).resolve().parent.parent
 
 
+def load_bench(name: str):
+    """bench/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def subprocess_env(**extra) -> dict:
     """Environment for CLI / `accelerate launch` subprocesses: PYTHONPATH puts THIS checkout's
     lmadapt first, where the installed `lmadapt` script alone would import whichever checkout was

@@ -1,19 +1,15 @@
 """bench/learned_prompts.py --reuse: rows of an earlier results.json count as finished runs (run
 folders are not kept between machines; the committed json is), only when the settings match."""
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import load_bench
+
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "learned_prompts.py"
-    spec = importlib.util.spec_from_file_location("learned_prompts", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("learned_prompts")
 
 
 def _row(part, task, variant, seed, acc):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import TOY_GEN, _toy_examples, make_model, make_tokenizer, subprocess_env
+from conftest import TOY_GEN, _toy_examples, load_bench, make_model, make_tokenizer, subprocess_env
 from lmadapt.compare import Cell, check_options, make_grid, parse_seeds, parse_shard, run_grid, train_command
 
 
@@ -173,13 +173,7 @@ def test_run_grid_runs_its_shard_and_retries_failed_cells(tmp_path):
 
 
 def _lr_sweep_module():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "lr_sweep.py"
-    spec = importlib.util.spec_from_file_location("lr_sweep", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("lr_sweep")
 
 
 def test_lr_sweep_default_methods_all_construct():
