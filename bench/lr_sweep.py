@@ -18,6 +18,7 @@ otherwise. A cell's precision is its own (result.json "precision"): the table ma
 ran in another precision than the rest.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/lr_sweep.py --task sst2 --max-train 1000 --out runs/lr_sst2
+    .venv/bin/python bench/lr_sweep.py --task sst2 --max-train 1000 --out runs/lr_sst2 --table   # so far, running nothing
     OMP_NUM_THREADS=2 .venv/bin/python bench/lr_sweep.py --task e2e_nlg --max-train 1000 --max-eval 200 \\
         --methods full,prompt,prefix,lora,adapter,bitfit --out runs/lr_e2e
 """
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root")
     ap.add_argument("--out", required=True)
     ap.add_argument("--progress", action="store_true", help="per-run progress bars")
+    ap.add_argument("--table", action="store_true",
+                    help="run nothing: the table and OUT/sweep.json from the cells finished so far (a killed sweep's)")
     ap.add_argument("--reuse", action="append", metavar="SWEEP_JSON",
                     help="count the cells of an earlier sweep.json with the same settings as finished")
     a = ap.parse_args(argv)
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
         n, earlier = reuse(path, settings_of(a), cells, out)
         carried |= earlier
         print(f"reused {n} finished cell(s) of {path}")
-    run_grid(cells, out, run)
+    if not a.table:
+        run_grid(cells, out, run)
 
     base = majority(task, a.data_root, a.max_eval)
     winners, results, precisions = {}, {}, {}
@@ -154,7 +158,10 @@ def main(argv=None) -> int:
         return f" ({precisions[m, lr]})" if (m, lr) in precisions and precisions[m, lr] != usual else ""
     for m, values in lrs.items():
         got = winners.get(m, {}).get("scores", {})
-        cells_txt = "  ".join(f"{lr:g}: " + (f"{got[str(lr)]:.1f}{odd(m, lr)}" if str(lr) in got else "failed")
+        def missing(lr) -> str:   # no result.json: a failed cell has error.json
+            return "failed" if (out / Cell(task.name, m, None, a.seed, (("lr", lr),)).path / "error.json").exists() \
+                else "not run"
+        cells_txt = "  ".join(f"{lr:g}: " + (f"{got[str(lr)]:.1f}{odd(m, lr)}" if str(lr) in got else missing(lr))
                               for lr in values)
         print(f"  {m:10s} {cells_txt}")
     if usual:

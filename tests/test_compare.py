@@ -219,3 +219,19 @@ def test_lr_sweep_reuse_counts_earlier_cells_as_finished(tmp_path):
     path.write_text('{"winners": {}}')
     with pytest.raises(SystemExit, match="not a sweep.json"):
         sweep.reuse(path, sweep.settings_of(a), cells, out)
+
+
+def test_lr_sweep_table_runs_nothing_and_writes_sweep_json(tmp_path, capsys):
+    """--table: a killed sweep's finished cells become sweep.json (to commit and --reuse) without
+    running (or loading) anything; a cell with no result is shown as not finished."""
+    import json
+    sweep = _lr_sweep_module()
+    cell = Cell("sst2", "lora", None, 0, (("lr", 5e-4),))
+    (tmp_path / cell.path).mkdir(parents=True)
+    (tmp_path / cell.path / "result.json").write_text(json.dumps({"best_dev": 80.0, "precision": "fp32"}))
+    assert sweep.main(["--task", "sst2", "--lrs", "lora:5e-4,1.5e-3", "--methods", "lora", "--table",
+                       "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert written["results"] == {cell.path: {"best_dev": 80.0, "precision": "fp32"}}
+    assert written["winners"]["lora"]["lr"] == 5e-4 and written["settings"]["task"] == "sst2"
+    assert "0.0015: not run" in capsys.readouterr().out
