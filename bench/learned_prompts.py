@@ -115,12 +115,15 @@ class Bench:
     def done(self, part, task, variants, seed) -> bool:
         """Whether every named variant's row exists (a run folder's or a reused one): then what
         only those runs need (a search, a pre-trained prompt, decoders) is not made again."""
-        return all((self.out / "runs" / part / task / v / f"s{seed}" / "row.json").exists()
+        return all((self.where(part, task, v, seed) / "row.json").exists()
                    or (part, task, v, seed) in self.reused for v in variants)
+
+    def where(self, part, task, variant, seed) -> Path:
+        return self.out / "runs" / part / task / variant / f"s{seed}"
 
     def run(self, part, task, variant, seed, method, attach_kw, prepare=None, method_args=None):
         """One run (or its saved row): train on the few, select on the dev few, test on dev."""
-        where = self.out / "runs" / part / task / variant / f"s{seed}"
+        where = self.where(part, task, variant, seed)
         if (where / "row.json").exists():
             row = json.loads((where / "row.json").read_text())
         elif (part, task, variant, seed) in self.reused:

@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     task = get_task(a.task)
     lrs = lrs_of(a)
-    cells = [Cell(task.name, m, None, a.seed, (("lr", lr),)) for m, values in lrs.items() for lr in values]
+    cell_of = {(m, lr): Cell(task.name, m, None, a.seed, (("lr", lr),)) for m, values in lrs.items() for lr in values}
+    cells = list(cell_of.values())
     train_args = {"progress": a.progress} | ({"max_eval": a.max_eval} if a.max_eval else {}) | (
         {"max_steps": a.max_steps} if a.max_steps else {})
     attach_args = {"head": a.head} if a.head else {}
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     for m, values in lrs.items():
         scores = {}
         for lr in values:
-            cell = Cell(task.name, m, None, a.seed, (("lr", lr),))
+            cell = cell_of[m, lr]
             path = out / cell.path / "result.json"
             if path.exists():
                 r = json.loads(path.read_text())
@@ -159,8 +160,7 @@ def main(argv=None) -> int:
     for m, values in lrs.items():
         got = winners.get(m, {}).get("scores", {})
         def missing(lr) -> str:   # no result.json: a failed cell has error.json
-            return "failed" if (out / Cell(task.name, m, None, a.seed, (("lr", lr),)).path / "error.json").exists() \
-                else "not run"
+            return "failed" if (out / cell_of[m, lr].path / "error.json").exists() else "not run"
         cells_txt = "  ".join(f"{lr:g}: " + (f"{got[str(lr)]:.1f}{odd(m, lr)}" if str(lr) in got else missing(lr))
                               for lr in values)
         print(f"  {m:10s} {cells_txt}")

@@ -172,16 +172,12 @@ def test_run_grid_runs_its_shard_and_retries_failed_cells(tmp_path):
     assert not (tmp_path / "t/b/shots-4/seed-0/error.json").exists()
 
 
-def _lr_sweep_module():
-    return load_bench("lr_sweep")
-
-
 def test_lr_sweep_default_methods_all_construct():
     """The sweep's default method list (every registered method but those it skips) must build with
     no arguments: a method with a required argument (ipt's decoder) crashed the whole sweep."""
     import argparse
     from lmadapt.methods import METHODS
-    sweep = _lr_sweep_module()
+    sweep = load_bench("lr_sweep")
     lrs = sweep.lrs_of(argparse.Namespace(methods=None, lrs=None, factors="0.1,1,10"))
     assert set(lrs) == set(METHODS) - set(sweep.SKIP) and "lora" in lrs and "ipt" not in lrs
     assert lrs["lora"] == sorted({float(f"{METHODS['lora'].default_lr * f:.2g}") for f in (0.1, 1, 10)})
@@ -194,7 +190,7 @@ def test_lr_sweep_reuse_counts_earlier_cells_as_finished(tmp_path):
     survive a new machine); only with the same settings, and never over a cell's own result."""
     import argparse
     import json
-    sweep = _lr_sweep_module()
+    sweep = load_bench("lr_sweep")
     a = argparse.Namespace(model="smollm2-135m", task="sst2", max_train=1000, max_eval=None, max_steps=None,
                            head=None, seed=0)
     cells = [Cell("sst2", "lora", None, 0, (("lr", lr),)) for lr in (5e-4, 1.5e-3)]
@@ -225,7 +221,7 @@ def test_lr_sweep_table_runs_nothing_and_writes_sweep_json(tmp_path, capsys):
     """--table: a killed sweep's finished cells become sweep.json (to commit and --reuse) without
     running (or loading) anything; a cell with no result is shown as not finished."""
     import json
-    sweep = _lr_sweep_module()
+    sweep = load_bench("lr_sweep")
     cell = Cell("sst2", "lora", None, 0, (("lr", 5e-4),))
     (tmp_path / cell.path).mkdir(parents=True)
     (tmp_path / cell.path / "result.json").write_text(json.dumps({"best_dev": 80.0, "precision": "fp32"}))
