@@ -73,16 +73,30 @@ def key_of(row) -> tuple:
     return row["part"], row["task"], row["variant"], row["seed"]
 
 
+# Settings only some parts' rows depend on; the rest (model, shots, batch size, ...) shape every row.
+PART_SETTINGS = {
+    "verbalizers": ("kpt_neighbours", "kpt_unlabeled", "kpt_min_ratio"),
+    "templates": ("candidates", "top", "word_score", "lead_tokens", "beam", "per_step", "triggers", "trigger_iters"),
+    "ppt": ("k", "epochs_prompt", "ppt_docs", "ppt_max_docs", "ppt_pairs", "ppt_dev_pairs", "ppt_steps"),
+    "ipt": ("k", "epochs_prompt", "ipt_train", "ipt_d", "ipt_max_train", "ipt_max_eval", "ipt_prompt_steps",
+            "ipt_ae_steps"),
+}
+
+
 def reusable_rows(path, args: dict) -> dict[tuple, dict]:
     """The rows of an earlier results.json, by (part, task, variant, seed), if it ran with `args`'
-    settings; SystemExit naming the file and the first setting that differs otherwise."""
+    settings (a part's own settings count only when the file has rows of that part); SystemExit
+    naming the file and the first setting that differs otherwise."""
     try:
         earlier = json.loads(Path(path).read_text())
         old, rows = earlier["args"], earlier["rows"]
+        parts = {r["part"] for r in rows}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--reuse {path}: not a results.json of this benchmark ({e})")
+    only_some = {n for names in PART_SETTINGS.values() for n in names}
+    unused = only_some - {n for part in parts for n in PART_SETTINGS.get(part, ())}
     for name, value in args.items():
-        if name not in NOT_SETTINGS and name in old and old[name] != value:
+        if name not in NOT_SETTINGS and name not in unused and name in old and old[name] != value:
             raise SystemExit(f"--reuse {path}: its runs used --{name.replace('_', '-')} {old[name]!r}, "
                              f"this one {value!r}")
     return {key_of(r): r for r in rows}
@@ -115,19 +129,29 @@ class Bench:
     def done(self, part, task, variants, seed) -> bool:
         """Whether every named variant's row exists (a run folder's or a reused one): then what
         only those runs need (a search, a pre-trained prompt, decoders) is not made again."""
-        return all((self.where(part, task, v, seed) / "row.json").exists()
-                   or (part, task, v, seed) in self.reused for v in variants)
+        return all(self.saved(part, task, v, seed) is not None for v in variants)
 
     def where(self, part, task, variant, seed) -> Path:
         return self.out / "runs" / part / task / variant / f"s{seed}"
 
-    def run(self, part, task, variant, seed, method, attach_kw, prepare=None, method_args=None):
-        """One run (or its saved row): train on the few, select on the dev few, test on dev."""
+    def saved(self, part, task, variant, seed) -> dict | None:
         where = self.where(part, task, variant, seed)
         if (where / "row.json").exists():
-            row = json.loads((where / "row.json").read_text())
-        elif (part, task, variant, seed) in self.reused:
-            row = self.reused[part, task, variant, seed]
+            return json.loads((where / "row.json").read_text())
+        return self.reused.get((part, task, variant, seed))
+
+    def run(self, part, task, variant, seed, method, attach_kw, prepare=None, method_args=None, same_as=None):
+        """One run (or its saved row): train on the few, select on the dev few, test on dev. `same_as`
+        (part, variant) names a row of the very same configuration (method, template, words, init,
+        seed) under another part: when it exists, its figures are this row's, marked `same_run_as`."""
+        where = self.where(part, task, variant, seed)
+        row = self.saved(part, task, variant, seed)
+        twin = self.saved(same_as[0], task, same_as[1], seed) if row is None and same_as else None
+        if row is not None:
+            pass
+        elif twin is not None:
+            row = {**twin, "part": part, "variant": variant, "same_run_as": "/".join(same_as)}
+            write_json(where / "row.json", row)
         else:
             train, dev = few_shot(task, self.a.shots, seed)
             model, tok = self.load()
@@ -193,8 +217,9 @@ class Bench:
                                     "hand template, searched words": (hand_t, searched_w),
                                     "searched template, searched words": (searched_t, searched_w),
                                     "searched template, hand words": (searched_t, hand_w)}.items():
-            try:
-                self.run("templates", task, name, seed, self.a.method, {"template": tmpl, "verbalizer": words})
+            try:   # the hand template with the hand words is the verbalizers part's manual row
+                self.run("templates", task, name, seed, self.a.method, {"template": tmpl, "verbalizer": words},
+                         same_as=("verbalizers", "manual") if tmpl == hand_t and words == hand_w else None)
             except ValueError as e:   # hand words a searched template tokenizes differently, ...
                 print(json.dumps({"part": "templates", "task": task, "variant": name, "seed": seed, "skipped": str(e)}))
 
@@ -236,7 +261,8 @@ class Bench:
         return out
 
     def ipt(self, task, seed, decoders):
-        self.run("ipt", task, "prompt tuning (full)", seed, "prompt", {}, method_args={"k": self.a.k})
+        self.run("ipt", task, "prompt tuning (full)", seed, "prompt", {}, method_args={"k": self.a.k},
+                 same_as=("ppt", "vocab init"))   # init "vocab" is prompt tuning's default
         for d, path in decoders.items():
             self.run("ipt", task, f"ipt d={d}", seed, "ipt", {}, method_args={"decoder": str(path)})
 
