@@ -147,12 +147,10 @@ class Bench:
         where = self.where(part, task, variant, seed)
         row = self.saved(part, task, variant, seed)
         twin = self.saved(same_as[0], task, same_as[1], seed) if row is None and same_as else None
-        if row is not None:
-            pass
-        elif twin is not None:
+        if row is None and twin is not None:
             row = {**twin, "part": part, "variant": variant, "same_run_as": "/".join(same_as)}
             write_json(where / "row.json", row)
-        else:
+        elif row is None:
             train, dev = few_shot(task, self.a.shots, seed)
             model, tok = self.load()
             adapted = lmadapt.attach(model, method, task=task, tokenizer=tok, init_seed=seed, **attach_kw,
