@@ -18,6 +18,9 @@ otherwise. A cell's precision is its own (result.json "precision"): the table ma
 ran in another precision than the rest.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/lr_sweep.py --task sst2 --max-train 1000 --out runs/lr_sst2
+    # or one process per core (the table and sweep.json of each cover every cell finished so far):
+    OMP_NUM_THREADS=1 .venv/bin/python bench/lr_sweep.py --task sst2 --max-train 1000 --out runs/lr_sst2 --shard 1/2 &
+    OMP_NUM_THREADS=1 .venv/bin/python bench/lr_sweep.py --task sst2 --max-train 1000 --out runs/lr_sst2 --shard 2/2
     .venv/bin/python bench/lr_sweep.py --task sst2 --max-train 1000 --out runs/lr_sst2 --table   # so far, running nothing
     OMP_NUM_THREADS=2 .venv/bin/python bench/lr_sweep.py --task e2e_nlg --max-train 1000 --max-eval 200 \\
         --methods full,prompt,prefix,lora,adapter,bitfit --out runs/lr_e2e
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import lmadapt
 from lmadapt.atomic import write_json
-from lmadapt.compare import Cell, base_loader, run_grid, train_cell
+from lmadapt.compare import Cell, base_loader, parse_shard, run_grid, train_cell
 from lmadapt.methods import METHODS
 from lmadapt.tasks import get_task
 
@@ -111,9 +114,15 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", action="store_true", help="per-run progress bars")
     ap.add_argument("--table", action="store_true",
                     help="run nothing: the table and OUT/sweep.json from the cells finished so far (a killed sweep's)")
+    ap.add_argument("--shard", help="i/n: run only every n-th cell from the i-th (1-based): one process per core, "
+                                   "--shard 1/2 and --shard 2/2 on the same --out")
     ap.add_argument("--reuse", action="append", metavar="SWEEP_JSON",
                     help="count the cells of an earlier sweep.json with the same settings as finished")
     a = ap.parse_args(argv)
+    try:
+        shard = parse_shard(a.shard)
+    except ValueError as e:
+        raise SystemExit(f"lr_sweep: {e}")
     task = get_task(a.task)
     lrs = lrs_of(a)
     cell_of = {(m, lr): Cell(task.name, m, None, a.seed, (("lr", lr),)) for m, values in lrs.items() for lr in values}
@@ -133,7 +142,7 @@ def main(argv=None) -> int:
         carried |= earlier
         print(f"reused {n} finished cell(s) of {path}")
     if not a.table:
-        run_grid(cells, out, run)
+        run_grid(cells, out, run, shard=shard)
 
     base = majority(task, a.data_root, a.max_eval)
     winners, results, precisions = {}, {}, {}

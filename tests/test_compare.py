@@ -231,3 +231,26 @@ def test_lr_sweep_table_runs_nothing_and_writes_sweep_json(tmp_path, capsys):
     assert written["results"] == {cell.path: {"best_dev": 80.0, "precision": "fp32"}}
     assert written["winners"]["lora"]["lr"] == 5e-4 and written["settings"]["task"] == "sst2"
     assert "0.0015: not run" in capsys.readouterr().out
+
+
+def test_lr_sweep_shards_split_the_cells_and_each_table_covers_all(tmp_path, monkeypatch):
+    """--shard i/n: two processes on one --out run disjoint cells that together are the sweep; the
+    second one's sweep.json has every cell."""
+    import json
+    sweep = load_bench("lr_sweep")
+    ran = []
+
+    def fake_train(cell, folder, **kw):
+        ran.append(cell.path)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").write_text(json.dumps({"best_dev": 1000 * dict(cell.extra)["lr"]}))
+    monkeypatch.setattr(sweep, "train_cell", fake_train)
+    argv = ["--task", "sst2", "--lrs", "lora:1e-4,3e-4,1e-3", "--methods", "lora", "--out", str(tmp_path)]
+    assert sweep.main(argv + ["--shard", "1/2"]) == 0
+    first = list(ran)
+    assert sweep.main(argv + ["--shard", "2/2"]) == 0
+    assert len(first) == 2 and len(ran) == 3 and len(set(ran)) == 3
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(written["results"]) == 3 and written["winners"]["lora"]["lr"] == 1e-3
+    with pytest.raises(SystemExit, match="--shard"):
+        sweep.main(argv + ["--shard", "3/2"])
