@@ -86,10 +86,14 @@ def instance_contrastive(emb: torch.Tensor, labels: torch.Tensor, temperature: f
     return per_anchor.mean()
 
 
-def prompt_reconstruction(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def prompt_reconstruction(decoded: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
     """Mean squared error between decoded and original soft prompts, (.., k, H) each: IPT's
-    reconstruction term. By hand: decoded [[1, 2]], target [[0, 0]]: (1 + 4) / 2 = 2.5."""
-    return F.mse_loss(decoded.float(), target.float())
+    reconstruction term. By hand: decoded [[1, 2]], target [[0, 0]]: (1 + 4) / 2 = 2.5.
+    `relative`: divided by the target's mean square, so 1.0 is what a zero prompt scores whatever
+    the embeddings' scale (a per-element mean of ~1e4 entries of ~0.05 is otherwise too small to
+    weigh against a task's loss). By hand: decoded [[1, 2]], target [[2, 0]]: 2.5 / 2 = 1.25."""
+    mse = F.mse_loss(decoded.float(), target.float())
+    return mse / target.float().pow(2).mean().clamp_min(1e-12) if relative else mse
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -37,6 +37,7 @@ def test_protoverb_losses_by_hand():
     assert float(instance_contrastive(emb4, torch.tensor([0, 0, 1, 1]), 1.0)) == pytest.approx(0.5514447, abs=1e-6)
     assert float(instance_contrastive(emb, torch.tensor([0, 1, 2]), 1.0)) == 0.0     # no positives
     assert float(prompt_reconstruction(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2))) == 2.5
+    assert float(prompt_reconstruction(torch.tensor([[1.0, 2.0]]), torch.tensor([[2.0, 0.0]]), relative=True)) == 1.25
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])

@@ -9,7 +9,10 @@ SAID-style; here the subspace is LEARNED, from many tasks' prompts, and only pro
        z = Proj(P) = W_down vec(P) + b           (k*H -> d, e.g. d = 5)
        P^ = Proj_b(z) = W_2 tanh(W_1 z + b_1) + b_2  (d -> k*H, IPT's two-layer back-projection)
 
-   trained with the reconstruction loss (objectives.prompt_reconstruction, weight `recon_weight`)
+   trained with the reconstruction loss (objectives.prompt_reconstruction, weight `recon_weight`;
+   `recon="relative"`, the default, divides it by the prompts' mean square: the plain per-element
+   MSE is ~1e-2 on SmolLM2's prompts, the auto-encoder then fit the task losses alone and decoded
+   prompts of 10-18x the prompts' energy, which a held-out task could not tune)
    PLUS each task's own loss with the decoded prompt P^ in place of P - so the subspace keeps
    what the tasks need, not only what the prompts look like. One flat loop: step t takes task
    t mod n and a batch of it; the training tasks' prompts are fixed, only the AE trains.
@@ -86,11 +89,12 @@ def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train:
 
 
 def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *, d: int = 5, width: int = 256,
-                    steps: int = 500, lr: float = 1e-3, recon_weight: float = 1.0, batch_size: int = 8,
+                    steps: int = 500, lr: float = 1e-3, recon_weight: float = 1.0, recon: str = "relative",
+                    batch_size: int = 8,
                     max_train: int = 500, max_length: int = 128, seed: int = 0, data_root=None,
                     precision: str = "auto", progress: bool = False) -> dict:
     """Step 2 above for `tasks` (Task objects or names; prompts: task name -> (k, H)); writes
-    OUT/decoder/. -> {'decoder': path, 'sha256', 'recon_mse': per task, 'history'}."""
+    OUT/decoder/. -> {'decoder': path, 'sha256', 'recon_mse' and 'recon_relative': per task, 'history'}."""
     from ..api import _task, attach
     from ..atomic import write_dir
     from ..batching import is_classification
@@ -98,6 +102,9 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
     from ..models import fingerprint
     from ..precision import autocast, resolve
     from safetensors.torch import save_file
+    recon_kind = recon
+    if recon_kind not in ("relative", "mse"):
+        raise ValueError(f"fit_autoencoder: recon must be 'relative' or 'mse', not {recon_kind!r}")
     tasks = [_task(t) for t in tasks]
     missing = [t.name for t in tasks if t.name not in prompts]
     if not tasks or missing:
@@ -131,7 +138,7 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
         batch = enc.collate([feats[i] for i in idx], device)
         with autocast(precision, device):
             task_loss = a(**batch).loss
-        recon = prompt_reconstruction(ae.decode(ae.encode(P)), P)
+        recon = prompt_reconstruction(ae.decode(ae.encode(P)), P, relative=recon_kind == "relative")
         loss = task_loss.float() + recon_weight * recon
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,8 +149,11 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
     with torch.no_grad():
         codes = torch.stack([ae.encode(P) for *_, P, _ in members])                   # (n, d)
         recon = {m[0]: float(prompt_reconstruction(ae.decode(c), m[4])) for m, c in zip(members, codes)}
+        relative = {m[0]: float(prompt_reconstruction(ae.decode(c), m[4], relative=True))
+                    for m, c in zip(members, codes)}
     meta = {"k": k, "hidden_size": H, "d": d, "width": width, "tasks": list(prompts), "recon_mse": recon,
-            "recon_weight": recon_weight, "steps": steps, "base_model": fingerprint(model)}
+            "recon_relative": relative, "recon": recon_kind, "recon_weight": recon_weight, "steps": steps,
+            "base_model": fingerprint(model)}
     state = {f"ae.{n}": p.detach().contiguous().cpu() for n, p in ae.state_dict().items()}
     state["codes"] = codes.detach().contiguous().cpu()
 
@@ -153,6 +163,7 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
     directory = Path(out) / "decoder"
     write_dir(directory, write)
     return {"decoder": str(directory), "sha256": sha256_of(directory / DECODER_FILE), "recon_mse": recon,
+            "recon_relative": relative,
             "history": history}
 
 
