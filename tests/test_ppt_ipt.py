@@ -95,6 +95,24 @@ def test_autoencoder_reconstructs_the_prompts(decoder):
     assert first[-1]["recon"] < first[0]["recon"]
 
 
+def test_relative_reconstruction_holds_against_the_task_loss(decoder, tmp_path):
+    """At recon_weight 1, the plain per-element MSE of small embeddings (~1e-4 here, ~1e-2 on
+    SmolLM2) is nothing beside a task's loss, and the decoder drifts from the prompts; relative to
+    the prompts' mean square (the default) it is kept within a fraction of their energy."""
+    _, prompts, _ = decoder
+    model, tok = causal()
+    got = {}
+    for kind in ("mse", "relative"):
+        r = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / kind, d=3, width=32, steps=60,
+                            lr=1e-2, recon=kind, batch_size=4, max_train=16)
+        got[kind] = r["recon_relative"]
+        assert load_decoder(r["decoder"])[1]["recon"] == kind
+    for name in prompts:
+        assert got["relative"][name] < 0.5 and got["relative"][name] < 0.5 * got["mse"][name], got
+    with pytest.raises(ValueError, match="recon must be"):
+        fit_autoencoder(model, tok, [TOY_PVP], prompts, tmp_path / "bad", recon="sum")
+
+
 def test_ipt_trains_exactly_d_numbers_and_reloads(decoder, tmp_path):
     res, _, _ = decoder
     model, tok = causal()
