@@ -79,7 +79,7 @@ PART_SETTINGS = {
     "templates": ("candidates", "top", "word_score", "lead_tokens", "beam", "per_step", "triggers", "trigger_iters"),
     "ppt": ("k", "epochs_prompt", "ppt_docs", "ppt_max_docs", "ppt_pairs", "ppt_dev_pairs", "ppt_steps"),
     "ipt": ("k", "epochs_prompt", "ipt_train", "ipt_d", "ipt_max_train", "ipt_max_eval", "ipt_prompt_steps",
-            "ipt_ae_steps", "ipt_recon"),
+            "ipt_ae_steps", "ipt_recon", "ipt_recon_warmup"),
 }
 
 
@@ -252,6 +252,7 @@ class Bench:
             where = self.out / "ipt" / f"d{d}"
             if not (where / "decoder" / "decoder.json").exists():
                 r = fit_autoencoder(model, tok, tasks, prompts, where, d=d, steps=a.ipt_ae_steps, recon=a.ipt_recon,
+                                    recon_warmup=a.ipt_recon_warmup,
                                     max_train=a.ipt_max_train, batch_size=a.batch_size, max_length=a.max_length,
                                     precision=a.precision)
                 print(json.dumps({"part": "ipt", "d": d, "recon_mse": r["recon_mse"],
@@ -362,6 +363,8 @@ def main():
     ap.add_argument("--ipt-max-eval", type=int, default=200)
     ap.add_argument("--ipt-prompt-steps", type=int, default=500)
     ap.add_argument("--ipt-ae-steps", type=int, default=2000)
+    ap.add_argument("--ipt-recon-warmup", type=int, default=500,
+                    help="reconstruction-only steps before the auto-encoder's joint steps (500)")
     ap.add_argument("--ipt-recon", choices=["relative", "mse"], default="relative",
                     help="the auto-encoder's reconstruction term: MSE / the prompts' mean square, or plain MSE")
     a = ap.parse_args()

@@ -77,7 +77,7 @@ def decoder(tmp_path_factory):
     mean = torch.stack(list(prompts.values())).mean(0)
     before = {n: float(((p - mean) ** 2).mean()) for n, p in prompts.items()}   # the best constant prompt
     res = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, out, d=3, width=32, steps=100, lr=1e-2,
-                          recon_weight=100.0, batch_size=4, max_train=16)
+                          recon_weight=100.0, recon_warmup=0, batch_size=4, max_train=16)   # the joint loop alone
     return res, prompts, before
 
 
@@ -104,13 +104,27 @@ def test_relative_reconstruction_holds_against_the_task_loss(decoder, tmp_path):
     got = {}
     for kind in ("mse", "relative"):
         r = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / kind, d=3, width=32, steps=60,
-                            lr=1e-2, recon=kind, batch_size=4, max_train=16)
+                            lr=1e-2, recon=kind, recon_warmup=0, batch_size=4, max_train=16)
         got[kind] = r["recon_relative"]
         assert load_decoder(r["decoder"])[1]["recon"] == kind
     for name in prompts:
         assert got["relative"][name] < 0.5 and got["relative"][name] < 0.5 * got["mse"][name], got
     with pytest.raises(ValueError, match="recon must be"):
         fit_autoencoder(model, tok, [TOY_PVP], prompts, tmp_path / "bad", recon="sum")
+
+
+def test_reconstruction_warmup_fits_the_prompts_before_any_task_step(decoder, tmp_path):
+    """recon_warmup: reconstruction-only steps first; with no joint step at all the decoder already
+    gives the prompts back, where an untrained one is at a zero prompt's error (~1)."""
+    _, prompts, _ = decoder
+    model, tok = causal()
+    cold = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "cold", d=3, width=32, steps=0,
+                           recon_warmup=0, max_train=4)
+    warm = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "warm", d=3, width=32, steps=0,
+                           lr=1e-2, recon_warmup=300, max_train=4)
+    assert min(cold["recon_relative"].values()) > 0.5, cold["recon_relative"]
+    assert max(warm["recon_relative"].values()) < 1e-2, warm["recon_relative"]
+    assert warm["recon_relative_after_warmup"] < 1e-2 and load_decoder(warm["decoder"])[1]["recon_warmup"] == 300
 
 
 def test_ipt_trains_exactly_d_numbers_and_reloads(decoder, tmp_path):

@@ -9,12 +9,14 @@ SAID-style; here the subspace is LEARNED, from many tasks' prompts, and only pro
        z = Proj(P) = W_down vec(P) + b           (k*H -> d, e.g. d = 5)
        P^ = Proj_b(z) = W_2 tanh(W_1 z + b_1) + b_2  (d -> k*H, IPT's two-layer back-projection)
 
-   trained with the reconstruction loss (objectives.prompt_reconstruction, weight `recon_weight`;
-   `recon="relative"`, the default, divides it by the prompts' mean square: the plain per-element
-   MSE is ~1e-2 on SmolLM2's prompts, the auto-encoder then fit the task losses alone and decoded
-   prompts of 10-18x the prompts' energy, which a held-out task could not tune)
+   trained with the reconstruction loss (objectives.prompt_reconstruction, weight `recon_weight`)
    PLUS each task's own loss with the decoded prompt P^ in place of P - so the subspace keeps
-   what the tasks need, not only what the prompts look like. One flat loop: step t takes task
+   what the tasks need, not only what the prompts look like. `recon="relative"` (the default)
+   divides the reconstruction by the prompts' mean square: the plain per-element MSE is ~1e-2 on
+   SmolLM2's prompts, and with it the auto-encoder fit the task losses alone (decoded prompts of
+   10-18x the prompts' energy, which a held-out task could not tune). `recon_warmup` steps of
+   reconstruction alone (no LM pass: 500 take 15-25 s on SmolLM2's prompts) come first, so a short joint budget starts from a
+   decoder that spans the prompts. Then one flat loop: step t takes task
    t mod n and a batch of it; the training tasks' prompts are fixed, only the AE trains.
    OUT/decoder/ holds the AE (decoder.safetensors), the training tasks' codes z_i and
    decoder.json (k, H, d, tasks, the base model's fingerprint, the final reconstruction error).
@@ -90,7 +92,7 @@ def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train:
 
 def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *, d: int = 5, width: int = 256,
                     steps: int = 500, lr: float = 1e-3, recon_weight: float = 1.0, recon: str = "relative",
-                    batch_size: int = 8,
+                    recon_warmup: int = 500, batch_size: int = 8,
                     max_train: int = 500, max_length: int = 128, seed: int = 0, data_root=None,
                     precision: str = "auto", progress: bool = False) -> dict:
     """Step 2 above for `tasks` (Task objects or names; prompts: task name -> (k, H)); writes
@@ -127,6 +129,16 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
         feats = [enc.encode(t, ex) for ex in exs]
         members.append((name, a, enc, feats, P.to(device), is_classification(t)))
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
+    # Warm-up: reconstruction alone, all prompts at once (no LM pass), so the joint
+    # steps start from a decoder that already spans the prompts instead of a random one.
+    stacked = torch.stack([m[4] for m in members])                                  # (n, k, H)
+    for _ in range(recon_warmup):
+        loss = prompt_reconstruction(ae.decode(ae.encode(stacked)), stacked, relative=recon_kind == "relative")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        warm = float(prompt_reconstruction(ae.decode(ae.encode(stacked)), stacked, relative=True)) if recon_warmup else None
     precision = resolve(precision, device)
     g = torch.Generator().manual_seed(seed)
     history = []
@@ -153,6 +165,7 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
                     for m, c in zip(members, codes)}
     meta = {"k": k, "hidden_size": H, "d": d, "width": width, "tasks": list(prompts), "recon_mse": recon,
             "recon_relative": relative, "recon": recon_kind, "recon_weight": recon_weight, "steps": steps,
+            "recon_warmup": recon_warmup, "recon_relative_after_warmup": warm,
             "base_model": fingerprint(model)}
     state = {f"ae.{n}": p.detach().contiguous().cpu() for n, p in ae.state_dict().items()}
     state["codes"] = codes.detach().contiguous().cpu()
@@ -163,7 +176,7 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
     directory = Path(out) / "decoder"
     write_dir(directory, write)
     return {"decoder": str(directory), "sha256": sha256_of(directory / DECODER_FILE), "recon_mse": recon,
-            "recon_relative": relative,
+            "recon_relative": relative, "recon_relative_after_warmup": warm,
             "history": history}
 
 
