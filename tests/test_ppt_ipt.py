@@ -7,6 +7,7 @@ numbers, through the frozen decoder; its artifact (z + the decoder's path and ha
 same outputs, and a changed decoder is refused."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,7 @@ def test_autoencoder_reconstructs_the_prompts(decoder):
     assert all(not p.requires_grad for p in ae.parameters())
     for (name, P), z in zip(prompts.items(), codes):
         assert float(((ae.decode(z) - P) ** 2).mean()) == pytest.approx(res["recon_mse"][name], rel=1e-4)
+    assert json.loads((Path(res["decoder"]).parent / "history.json").read_text()) == res["history"]
     first = [h for h in res["history"] if h["task"] == TOY_PVP.name]
     assert first[-1]["recon"] < first[0]["recon"]
 

@@ -96,9 +96,10 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
                     max_train: int = 500, max_length: int = 128, seed: int = 0, data_root=None,
                     precision: str = "auto", progress: bool = False) -> dict:
     """Step 2 above for `tasks` (Task objects or names; prompts: task name -> (k, H)); writes
-    OUT/decoder/. -> {'decoder': path, 'sha256', 'recon_mse' and 'recon_relative': per task, 'history'}."""
+    OUT/decoder/ and OUT/history.json. -> {'decoder': path, 'sha256', 'recon_mse' and 'recon_relative':
+    per task, 'history'}."""
     from ..api import _task, attach
-    from ..atomic import write_dir
+    from ..atomic import write_dir, write_json
     from ..batching import is_classification
     from ..data import subsample
     from ..models import fingerprint
@@ -175,6 +176,7 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
         (tmp / DECODER_META).write_text(json.dumps(meta, indent=2))
     directory = Path(out) / "decoder"
     write_dir(directory, write)
+    write_json(Path(out) / "history.json", history)       # per joint step: task, task loss, reconstruction
     return {"decoder": str(directory), "sha256": sha256_of(directory / DECODER_FILE), "recon_mse": recon,
             "recon_relative": relative, "recon_relative_after_warmup": warm,
             "history": history}
