@@ -105,9 +105,8 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
     from ..models import fingerprint
     from ..precision import autocast, resolve
     from safetensors.torch import save_file
-    recon_kind = recon
-    if recon_kind not in ("relative", "mse"):
-        raise ValueError(f"fit_autoencoder: recon must be 'relative' or 'mse', not {recon_kind!r}")
+    if recon not in ("relative", "mse"):
+        raise ValueError(f"fit_autoencoder: recon must be 'relative' or 'mse', not {recon!r}")
     tasks = [_task(t) for t in tasks]
     missing = [t.name for t in tasks if t.name not in prompts]
     if not tasks or missing:
@@ -130,11 +129,14 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
         feats = [enc.encode(t, ex) for ex in exs]
         members.append((name, a, enc, feats, P.to(device), is_classification(t)))
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
+
+    def recon_loss(P: torch.Tensor) -> torch.Tensor:
+        return prompt_reconstruction(ae.decode(ae.encode(P)), P, relative=recon == "relative")
     # Warm-up: reconstruction alone, all prompts at once (no LM pass), so the joint
     # steps start from a decoder that already spans the prompts instead of a random one.
     stacked = torch.stack([m[4] for m in members])                                  # (n, k, H)
     for _ in range(recon_warmup):
-        loss = prompt_reconstruction(ae.decode(ae.encode(stacked)), stacked, relative=recon_kind == "relative")
+        loss = recon_loss(stacked)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -151,21 +153,21 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
         batch = enc.collate([feats[i] for i in idx], device)
         with autocast(precision, device):
             task_loss = a(**batch).loss
-        recon = prompt_reconstruction(ae.decode(ae.encode(P)), P, relative=recon_kind == "relative")
-        loss = task_loss.float() + recon_weight * recon
+        rec = recon_loss(P)
+        loss = task_loss.float() + recon_weight * rec
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         history.append({"step": step + 1, "task": name, "task_loss": float(task_loss.detach()),
-                        "recon": float(recon.detach())})
+                        "recon": float(rec.detach())})
     ae.eval()
     with torch.no_grad():
         codes = torch.stack([ae.encode(P) for *_, P, _ in members])                   # (n, d)
-        recon = {m[0]: float(prompt_reconstruction(ae.decode(c), m[4])) for m, c in zip(members, codes)}
-        relative = {m[0]: float(prompt_reconstruction(ae.decode(c), m[4], relative=True))
-                    for m, c in zip(members, codes)}
-    meta = {"k": k, "hidden_size": H, "d": d, "width": width, "tasks": list(prompts), "recon_mse": recon,
-            "recon_relative": relative, "recon": recon_kind, "recon_weight": recon_weight, "steps": steps,
+        decoded = {m[0]: (ae.decode(c), m[4]) for m, c in zip(members, codes)}
+        mse = {n: float(prompt_reconstruction(D, P)) for n, (D, P) in decoded.items()}
+        relative = {n: float(prompt_reconstruction(D, P, relative=True)) for n, (D, P) in decoded.items()}
+    meta = {"k": k, "hidden_size": H, "d": d, "width": width, "tasks": list(prompts), "recon_mse": mse,
+            "recon_relative": relative, "recon": recon, "recon_weight": recon_weight, "steps": steps,
             "recon_warmup": recon_warmup, "recon_relative_after_warmup": warm,
             "base_model": fingerprint(model)}
     state = {f"ae.{n}": p.detach().contiguous().cpu() for n, p in ae.state_dict().items()}
@@ -177,7 +179,7 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
     directory = Path(out) / "decoder"
     write_dir(directory, write)
     write_json(Path(out) / "history.json", history)       # per joint step: task, task loss, reconstruction
-    return {"decoder": str(directory), "sha256": sha256_of(directory / DECODER_FILE), "recon_mse": recon,
+    return {"decoder": str(directory), "sha256": sha256_of(directory / DECODER_FILE), "recon_mse": mse,
             "recon_relative": relative, "recon_relative_after_warmup": warm,
             "history": history}
 
