@@ -131,7 +131,7 @@ class Intrinsic(Method):
     name = "intrinsic"
     summary = "theta0 + P z in a d-dim random subspace (count-sketch P from a seed); artifact = z + seed"
     supports_slots = False
-    default_lr = 1e-4
+    default_lr = 1e-3      # SST-2 lr sweep winner (docs/methods.md)
     d: int = 500
     seed: int = 0
     targets: tuple[str, ...] = field(default=())  # () = every Linear/Conv1D in the blocks
