@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import lmadapt
 from lmadapt.api import load_adapted
-from lmadapt.methods.prefix import text_prefix
+from lmadapt.methods.prefix import ids_prefix, text_prefix
 from lmadapt.methods.prompt import SoftTable
 from lmadapt.arch import kv_shape
 
@@ -182,6 +182,41 @@ def test_prefix_init_text_is_the_models_own_keys_values(arch, reparam):
     cache = DynamicCache(config=adapted.model.config)
     adapted.model.base_model(input_ids=ids, cache=cache, use_cache=True)
     torch.testing.assert_close(got[0, :n_kv * hd], cache.layers[0].keys[0, :, 0].reshape(-1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reparam", [True, False])
+def test_prefix_vocab_init_is_the_models_own_keys_values_of_seeded_tokens(arch, reparam):
+    """init='vocab' (ptuning2's default): the model's own keys/values of k seeded random tokens;
+    the seed picks the tokens, 'random' is N(0, 1) noise and differs from both."""
+    adapted, _ = build(arch, "prefix", k=4, reparam=reparam, init="vocab", seed=3)
+    V = adapted.model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(V, (4,), generator=torch.Generator().manual_seed(3))
+    want = ids_prefix(adapted, ids)
+    with torch.no_grad():
+        got = table(adapted)()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # layer 0's key at position 0 is the model's own key of the first drawn token alone
+    n_kv, hd = kv_shape(adapted.model)[1:]
+    cache = DynamicCache(config=adapted.model.config)
+    adapted.model.base_model(input_ids=ids[:1].view(1, 1), cache=cache, use_cache=True)
+    torch.testing.assert_close(got[0, :n_kv * hd], cache.layers[0].keys[0, :, 0].reshape(-1), atol=1e-4, rtol=1e-4)
+    other, _ = build(arch, "prefix", k=4, reparam=reparam, init="vocab", seed=4)
+    with torch.no_grad():
+        assert (table(other)() - got).abs().max() > 1e-3
+    if not reparam:
+        noise, _ = build(arch, "prefix", k=4, reparam=False, init="random")
+        t = table(noise).table[0]
+        assert abs(t.std().item() - 1) < 0.2 and (t - got).abs().max() > 1e-1
+
+
+def test_ptuning2_defaults_to_vocab_init_and_init_is_checked():
+    adapted, _ = build("llama", "ptuning2")
+    assert adapted.method.init == "vocab" and lmadapt.get_method("prefix").init == "random"
+    V = adapted.model.get_input_embeddings().weight.shape[0]
+    want = ids_prefix(adapted, torch.randint(V, (3,), generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(table(adapted).table[0], want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="init must be one of: random, vocab"):
+        lmadapt.get_method("ptuning2", init="labels")
 
 
 def test_prompt_label_init_and_errors():

@@ -15,12 +15,22 @@ As with P-tuning (prompt.py), the MLP exists only while training with one slot; 
 P (the MLP is dropped), and a loaded artifact, or any model with slots > 1, is a plain (S, k, F)
 table. Positions: real tokens are numbered from k (PEFT's convention), see Adapted.encode().
 
-init_text: P starts as the frozen model's own keys/values of real words (Li & Liang's "init with
-activations of real words"): the text is tokenized, repeated to k tokens if shorter, run through
-the model, and the cache of its first k tokens taken. With reparam on, P' and the first Linear
-stay random and the output Linear (W2, b2) is solved by least squares so that MLP(P') equals those
-keys/values: exact when prefix_hidden >= k (the system is underdetermined; we take the
-minimum-norm solution), the best fit otherwise.
+Initialization (`init`): 'random' is N(0, 1), as PEFT's nn.Embedding and P-tuning v2's code
+(attach's init_seed fixes it); 'vocab' is the frozen model's own keys/values of k tokens drawn
+uniformly from the vocabulary (the method's `seed` picks them), run through the model as one
+sequence; `init_text` (which overrides `init`) is the same for real words (Li & Liang's "init
+with activations of real words"): the text is tokenized, repeated to k tokens if shorter, run
+through the model, and the cache of its first k tokens taken. With reparam on, P' and the first
+Linear stay random and, for 'vocab' and text, the output Linear (W2, b2) is solved by least
+squares so that MLP(P') equals those keys/values: exact when prefix_hidden >= k (the system is
+underdetermined; we take the minimum-norm solution), the best fit otherwise.
+
+Why `ptuning2` defaults to 'vocab': N(0, 1) keys/values in every layer wreck a pre-LN LLaMA
+model before training starts. SmolLM2's own values have std 0.04 in layer 0 and ~0.5 above; its
+perplexity on 64 SST-2 dev sentences is 447 alone, 840,569 behind a random 20-position prefix,
+332 / 355 behind a 'vocab' one (seeds 0 / 1) and 180 behind a text one (bench/prefix_init.py).
+The SST-2 lr sweep found no learning rate at which the random init recovered (docs/methods.md).
+`prefix` starts from its MLP's small outputs (perplexity 721) and keeps 'random'.
 """
 from __future__ import annotations
 
@@ -80,6 +90,9 @@ class KVPrefix(nn.Module):
         return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(L)], config=self.config)
 
 
+INITS = ("random", "vocab")
+
+
 @torch.no_grad()
 def text_prefix(adapted, text: str, k: int, method: str) -> torch.Tensor:
     """(k, F): the frozen model's keys/values of the first k tokens of `text` (repeated if short)."""
@@ -89,7 +102,21 @@ def text_prefix(adapted, text: str, k: int, method: str) -> torch.Tensor:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"method '{method}': init_text {text!r} tokenizes to nothing")
-    ids = torch.tensor([(ids * (k // len(ids) + 1))[:k]], device=adapted.device)      # (1, k)
+    return ids_prefix(adapted, torch.tensor((ids * (k // len(ids) + 1))[:k]))
+
+
+@torch.no_grad()
+def vocab_prefix(adapted, k: int, seed: int) -> torch.Tensor:
+    """(k, F): the frozen model's keys/values of k tokens drawn uniformly from the vocabulary."""
+    V = adapted.model.get_input_embeddings().weight.shape[0]
+    return ids_prefix(adapted, torch.randint(V, (k,), generator=torch.Generator().manual_seed(seed)))
+
+
+@torch.no_grad()
+def ids_prefix(adapted, ids: torch.Tensor) -> torch.Tensor:
+    """(k, F): the frozen model's keys/values of the k token ids `ids`, run as one sequence."""
+    k = ids.shape[0]
+    ids = ids.view(1, k).to(adapted.device)                                            # (1, k)
     model = adapted.model
     cache = DynamicCache(config=model.config)
     was_training = model.training
@@ -106,7 +133,12 @@ def inject_prefix(method, adapted) -> None:
     model = adapted.model
     L, n_kv, hd = kv_shape(model)
     F = L * 2 * n_kv * hd
-    target = text_prefix(adapted, method.init_text, method.k, method.name) if method.init_text else None
+    if method.init_text:
+        target = text_prefix(adapted, method.init_text, method.k, method.name)
+    elif method.init == "vocab":
+        target = vocab_prefix(adapted, method.k, method.seed)
+    else:
+        target = None
     if method.reparam and adapted.slots.n == 1:
         # PEFT's choice for P' width: one position's key (or value) across heads, n_kv * head_dim.
         mlp = PrefixMLP(method.k, n_kv * hd, method.prefix_hidden, F).to(model.device)
@@ -125,6 +157,7 @@ def _check_prefix(method) -> None:
     method._check(method.prefix_hidden >= 1, "prefix_hidden", f"must be >= 1, got {method.prefix_hidden}")
     method._check(method.init_text is None or bool(method.init_text.strip()), "init_text",
                   "must be non-empty text or None")
+    method._check(method.init in INITS, "init", f"must be one of: {', '.join(INITS)}; got '{method.init}'")
 
 
 @register
@@ -140,7 +173,9 @@ class Prefix(Method):
     # 64 keeps what trains under 1% of SmolLM2 (Li & Liang used 512: ~4.5% while training;
     # either way only the folded prefix, 0.09%, is stored).
     prefix_hidden: int = 64
-    init_text: str | None = None
+    init: str = "random"     # or 'vocab': the model's own keys/values of random tokens (module doc)
+    init_text: str | None = None   # overrides init: the model's own keys/values of this text
+    seed: int = 0            # which vocabulary tokens 'vocab' draws (attach's init_seed sets the rest)
 
     def __post_init__(self):
         _check_prefix(self)
@@ -164,3 +199,4 @@ class PTuning2(Prefix):
     default_lr = 5e-3        # P-tuning v2 used 5e-3 .. 1e-2
     k: int = 20
     reparam: bool = False
+    init: str = "vocab"      # N(0, 1) wrecks a pre-LN model before training starts (module doc)

@@ -30,8 +30,8 @@ HEAD_ONLY = ("none", "probe")
 TRAINING_ONLY = {
     "prompt": {"init", "seed"},
     "ptuning": {"encoder", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"},
-    "prefix": {"reparam", "prefix_hidden", "init_text"},
-    "ptuning2": {"reparam", "prefix_hidden", "init_text"},
+    "prefix": {"reparam", "prefix_hidden", "init", "init_text", "seed"},
+    "ptuning2": {"reparam", "prefix_hidden", "init", "init_text", "seed"},
     "lora": {"dropout"},
 }
 
