@@ -40,6 +40,7 @@ class TrainConfig:
     lr: float | None = None          # None: the method's default (Method.default_lr)
     epochs: float | None = None     # None: the method's default (Method.default_epochs)
     max_steps: int | None = None     # overrides epochs
+    min_steps: int | None = None     # a shorter run (few-shot) is stretched to this many steps
     batch_size: int = 8              # global examples per optimizer step
     grad_accum: int = 1
     warmup_ratio: float = 0.06
@@ -65,7 +66,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}")
-        for name in ("max_eval", "max_ood"):
+        for name in ("max_eval", "max_ood", "max_steps", "min_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for all), got {getattr(self, name)}")
 
@@ -90,7 +91,7 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 
 # What must not change between a run and its --resume (the data order and schedule depend on it).
-RESUME_KEYS = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
+RESUME_KEYS = ("lr", "epochs", "max_steps", "min_steps", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
                "max_grad_norm", "seed", "max_length", "max_target_length")
 
 
@@ -181,11 +182,16 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     optimizer = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=cfg.weight_decay)
     n = len(train_examples)
     epochs = cfg.epochs or adapted.method.default_epochs
-    total = cfg.max_steps or max(1, math.ceil(epochs * math.ceil(n / cfg.batch_size)))
+    per_epoch = math.ceil(n / cfg.batch_size)
+    by_epochs = max(1, math.ceil(epochs * per_epoch))
+    total = cfg.max_steps or max(by_epochs, cfg.min_steps or 0)
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
     wrapped, optimizer = acc.prepare(module, optimizer)
-    eval_every = cfg.eval_every or math.ceil(n / cfg.batch_size)
+    # Once per epoch; a run stretched by min_steps keeps the evaluations its epochs would have
+    # had, spread over its steps (not one per 4-step epoch of a 32-example set).
+    stretched = not cfg.max_steps and total > by_epochs
+    eval_every = cfg.eval_every or (math.ceil(total / max(1, math.ceil(epochs))) if stretched else per_epoch)
     save_every = cfg.save_every or eval_every
     ckpt_dir = Path(out) / "checkpoint" if out else None
 

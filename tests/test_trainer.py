@@ -377,3 +377,26 @@ def test_two_processes_uneven_and_generation_and_resume(tmp_path):
         assert run["resumed"]["steps"] == [0, 1, 2, 3, 4, 4, 5]        # crashed at 5, resumed at 4
         for key in ("loss", "weights", "evals", "best_step", "metrics"):
             assert run["resumed"][key] == run["dev"][key], key
+
+
+def test_min_steps_stretches_a_few_shot_run_and_keeps_its_evaluations():
+    """32 examples at batch 8 are 4 steps an epoch: min_steps makes the run that long, with as many
+    dev evaluations as its epochs (spread over it, the last at the end); max_steps still wins,
+    and a run already longer than min_steps is left as it is."""
+    tok = make_tokenizer()
+    few = TOY_CLS.load("train")[:32]
+
+    def run(**kw):
+        a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=TOY_CLS, tokenizer=tok)
+        return lmadapt.train(a, TOY_CLS, train_examples=few, batch_size=8, lr=1e-2, progress=False, **kw)
+    r = run(epochs=1, min_steps=20)
+    assert r["steps"] == len(r["history"]) == 20
+    assert [e["step"] for e in r["evals"]] == [20]
+    r = run(epochs=2, min_steps=20)
+    assert r["steps"] == 20 and [e["step"] for e in r["evals"]] == [10, 20]
+    r = run(epochs=8, min_steps=20)  # 32 steps by epochs: not stretched, one evaluation per epoch
+    assert r["steps"] == 32 and [e["step"] for e in r["evals"]] == [4 * k for k in range(1, 9)]
+    r = run(max_steps=6, min_steps=20)
+    assert r["steps"] == 6
+    with pytest.raises(ValueError, match="min_steps must be >= 1"):
+        run(min_steps=0)

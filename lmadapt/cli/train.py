@@ -67,6 +67,8 @@ def train_options(t) -> None:
             ("lr", float, "peak learning rate of AdamW (default: the method's)"),
             ("epochs", float, "passes over the training set (default: the method's, e.g. 1; probe 30)"),
             ("max-steps", int, "optimizer steps; overrides --epochs"),
+            ("min-steps", int, "at least this many optimizer steps: a shorter run (few-shot: 32 examples are "
+                               "4 steps an epoch) is stretched, with as many dev evaluations as its epochs"),
             ("batch-size", int, "GLOBAL examples per optimizer step, across processes and accumulation (8)"),
             ("grad-accum", int, "micro-batches per optimizer step (1)"),
             ("warmup-ratio", float, "fraction of steps with linear warmup (0.06), then linear decay to 0"),
