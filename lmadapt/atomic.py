@@ -16,6 +16,19 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str | os.PathLike, folder: bool) -> None:
+    """mkstemp / mkdtemp make 0600 / 0700 (private) temps: give the final file or folder the mode
+    a plain open() / mkdir() would have had (0666 / 0777 less the umask), so a result or artifact
+    is readable by whoever could read a file written the usual way (a server, a teammate)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +36,7 @@ def write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _publish_mode(tmp, folder=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,6 +56,7 @@ def write_dir(directory: str | os.PathLike, write: Callable[[Path], None]) -> in
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         write(tmp)
+        _publish_mode(tmp, folder=True)
         size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         old = None
         if directory.exists():

@@ -140,3 +140,21 @@ def test_damaged_model_cache_is_rebuilt(tmp_path, monkeypatch, tiny_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         models._smollm2_dir()                                          # intact: silent
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_would_have(tmp_path):
+    """The temp file / folder is private (0600 / 0700); what lands under the final name has the
+    umask's mode, like a file written with open() (a result.json a server or teammate can read)."""
+    from lmadapt.atomic import write_dir, write_json
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+        write_dir(tmp_path / "art", lambda d: (d / "w.bin").write_bytes(b"x"))
+        assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "art").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "art" / "w.bin").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_json(tmp_path / "private.json", {"a": 1})
+        assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
