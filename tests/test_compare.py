@@ -254,3 +254,54 @@ def test_lr_sweep_shards_split_the_cells_and_each_table_covers_all(tmp_path, mon
     assert len(written["results"]) == 3 and written["winners"]["lora"]["lr"] == 1e-3
     with pytest.raises(SystemExit, match="--shard"):
         sweep.main(argv + ["--shard", "3/2"])
+
+
+def test_compare_cells_export_restore_round_trip_and_the_grid_skips_restored_cells(tmp_path):
+    """bench/compare_cells.py: a grid's cells committed as one JSON file go back into run folders
+    that `lmadapt report` reads and the same grid's rerun skips; a conflicting folder is refused."""
+    from lmadapt.compare import check_options, run_grid
+    from lmadapt.report import collect
+    tool = load_bench("compare_cells")
+    grid = tmp_path / "cmp"
+    cells = [Cell("sst2", m, 16, s) for s in (0, 1) for m in ("lora", "prefix")]
+
+    def run(cell, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        acc = 60.0 + 10 * (cell.method == "lora") + cell.seed
+        (folder / "result.json").write_text(json.dumps(
+            {"task": "sst2", "method": cell.method, "shots": 16, "seed": cell.seed,
+             "metrics": {"dev": {"accuracy": acc, "n": 8}, "imdb": {"accuracy": acc - 5, "n": 8}}}))
+    check_options(grid, {"max_train": 1000, "min_steps": 64})
+    run_grid(cells[:2], grid, run, log=lambda s: None)
+    (grid / "sst2/lora/shots-16/seed-0/pet/g0").mkdir(parents=True)          # a nested run is not a cell
+    (grid / "sst2/lora/shots-16/seed-0/pet/g0/result.json").write_text('{"method": "lora"}')
+    saved = tmp_path / "cells.json"
+    assert tool.export([grid], saved, "the grid's command") == 2
+
+    back = tmp_path / "elsewhere"
+    assert tool.restore(saved, back) == 2 and tool.restore(saved, back) == 0   # twice: nothing rewritten
+    rows = {(r["method"], r["seed"]): (r["dev"], r["ood_mean"], r["wall_seconds"] is not None)
+            for r in collect(back)[0]}
+    assert rows == {("lora", 0): (70.0, 65.0, True), ("prefix", 0): (60.0, 55.0, True)}
+    assert json.loads((back / "compare.json").read_text()) == json.loads((grid / "compare.json").read_text())
+    check_options(back, {"max_train": 1000, "min_steps": 64})                 # the same options: accepted
+    with pytest.raises(ValueError, match="min_steps"):
+        check_options(back, {"max_train": 1000, "min_steps": 8})
+    calls = []
+    run_grid(cells, back, lambda c, f: calls.append(c) or run(c, f), log=lambda s: None)
+    assert calls == cells[2:]                                                 # only the new seed runs
+
+    two = tmp_path / "two.json"                                               # several grids in one file
+    assert tool.export([grid, back], two, "") == 6
+    tool.restore(two, tmp_path / "all")
+    assert json.loads((tmp_path / "all/elsewhere/compare.json").read_text()) == json.loads(
+        (grid / "compare.json").read_text())
+    assert len(collect(tmp_path / "all")[0]) == 6
+
+    r = back / "sst2/prefix/shots-16/seed-0/result.json"
+    r.write_text(r.read_text().replace("60.0", "61.0"))
+    with pytest.raises(SystemExit, match="differs"):
+        tool.restore(saved, back)
+    saved.write_text('{"command": ""}')
+    with pytest.raises(SystemExit, match="'cells' is missing"):
+        tool.restore(saved, tmp_path / "x")
