@@ -68,7 +68,8 @@ class TrainConfig:
             raise ValueError(f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}")
         for name in ("max_eval", "max_ood", "max_steps", "min_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (or None for all), got {getattr(self, name)}")
+                unset = "no stretch" if name == "min_steps" else "no limit"
+                raise ValueError(f"{name} must be >= 1 (or None: {unset}), got {getattr(self, name)}")
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
