@@ -20,7 +20,8 @@ from lmadapt.methods import METHODS
 from lmadapt.tasks import get_task
 
 SMALL = {"prompt": {"k": 4}, "ptuning": {"k": 4, "encoder_hidden_size": 16},
-         "prefix": {"k": 3, "prefix_hidden": 16}, "ptuning2": {"k": 3}}
+         # init=random: the tests need rows whose tokens vary, which N(0, 1) keys/values give here
+         "prefix": {"k": 3, "prefix_hidden": 16, "init": "random"}, "ptuning2": {"k": 3}}
 GEN_METHODS = sorted(m for m in METHODS if m not in ("probe", "ipt"))   # ipt: test_ppt_ipt.py (it needs a decoder)
 TEXTS = ["the movie was very good", "bad", "it is a fun film with a great plot", "name cafe price cheap"]
 TOK = make_tokenizer("causal")

@@ -211,7 +211,7 @@ def test_prefix_vocab_init_is_the_models_own_keys_values_of_seeded_tokens(arch, 
 
 def test_ptuning2_defaults_to_vocab_init_and_init_is_checked():
     adapted, _ = build("llama", "ptuning2")
-    assert adapted.method.init == "vocab" and lmadapt.get_method("prefix").init == "random"
+    assert adapted.method.init == "vocab" and lmadapt.get_method("prefix").init == "vocab"
     V = adapted.model.get_input_embeddings().weight.shape[0]
     want = ids_prefix(adapted, torch.randint(V, (3,), generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(table(adapted).table[0], want, atol=1e-5, rtol=0)
