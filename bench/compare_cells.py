@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmadapt.atomic import read_json_file, write_json  # noqa: E402
+from lmadapt.compare import Cell  # noqa: E402
+from lmadapt.report import _nested  # noqa: E402 -- the same rule the report uses for PET members
 
 FIX = "rerun that cell (delete its folder) or restore into a new folder"
 
@@ -38,7 +40,7 @@ def export(outs: list[Path], dest: Path, command: str) -> int:
         prefix = f"{out.name}/" if len(outs) > 1 else ""
         for path in sorted(out.rglob("result.json")):
             folder = path.parent
-            if any((p / "result.json").exists() for p in folder.parents if out in p.parents):
+            if _nested(folder, out):
                 continue  # PET's member runs live inside their cell
             cell = read_json_file(folder / "cell.json", FIX) if (folder / "cell.json").exists() else {}
             cells.append({"folder": prefix + str(folder.relative_to(out)),
@@ -74,7 +76,8 @@ def restore(src: Path, out: Path) -> int:
     for i, c in enumerate(data["cells"]):
         try:
             folder, r = out / c["folder"], c["result"]
-            cell = {"task": r["task"], "method": r["method"], "shots": r.get("shots") or "full", "seed": r["seed"]}
+            shots = r.get("shots")
+            cell = Cell(r["task"], r["method"], shots if isinstance(shots, int) else None, r["seed"]).to_dict()
         except (KeyError, TypeError) as e:
             raise SystemExit(f"{src}: cells[{i}]: field {e} is missing") from None
         if (folder / "result.json").exists():
