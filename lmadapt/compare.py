@@ -106,19 +106,39 @@ def make_grid(tasks: dict, methods: list[str], shots: list[int | None], seeds: l
     return cells, notes
 
 
-def check_options(out: Path, options: dict) -> None:
-    """Record the shared options in OUT/compare.json, or refuse a rerun with different ones."""
+def check_options(out: Path, options: dict, methods: list[str] | None = None) -> None:
+    """Record the shared options in OUT/compare.json, or refuse a rerun with different ones.
+
+    With `methods` (this run's), the per-method entries are checked for those methods only, so a
+    later run may add or leave out methods: `method_args` is compared method by method (each method
+    run is recorded, `{}` for its defaults, so a method not recorded yet is new), and `pet` (PET's own
+    settings) only when both runs have PET cells; what this run adds is recorded."""
     path = out / "compare.json"
-    if path.exists():
-        saved = read_json_file(path, f"delete {path} if the grid's cells were all made with today's options")
-        old = saved.get("options", {})
-        diff = [f"{k} ({old.get(k)!r} -> {options.get(k)!r})" for k in sorted(set(old) | set(options))
-                if old.get(k) != options.get(k)]
-        if diff:
-            raise ValueError(f"{out}: its cells were run with other options: {', '.join(diff)}; rerun with "
-                             "the same options, or compare into a new --out")
+    if methods is not None:
+        options = options | {"method_args": {m: options.get("method_args", {}).get(m, {}) for m in methods}}
+    if not path.exists():
+        write_json(path, {"options": options})
         return
-    write_json(path, {"options": options})
+    saved = read_json_file(path, f"delete {path} if the grid's cells were all made with today's options")
+    old = saved.get("options", {})
+    per_method = {"method_args", "pet"} if methods is not None else set()
+    diff = [f"{k} ({old.get(k)!r} -> {options.get(k)!r})" for k in sorted(set(old) | set(options))
+            if k not in per_method and old.get(k) != options.get(k)]
+    merged = dict(old)
+    if methods is not None:
+        was = old.get("method_args", {})
+        now = options["method_args"]
+        diff += [f"method_args of {m} ({was[m]!r} -> {now[m]!r})" for m in methods if m in was and was[m] != now[m]]
+        merged["method_args"] = was | now
+        if "pet" in options:
+            if "pet" in old and old["pet"] != options["pet"]:
+                diff.append(f"pet ({old['pet']!r} -> {options['pet']!r})")
+            merged["pet"] = options["pet"]
+    if diff:
+        raise ValueError(f"{out}: its cells were run with other options: {', '.join(diff)}; rerun with "
+                         "the same options, or compare into a new --out")
+    if merged != old:
+        write_json(path, saved | {"options": merged})
 
 
 def cell_state(folder: Path) -> str:

@@ -305,3 +305,35 @@ def test_compare_cells_export_restore_round_trip_and_the_grid_skips_restored_cel
     saved.write_text('{"command": ""}')
     with pytest.raises(SystemExit, match="'cells' is missing"):
         tool.restore(saved, tmp_path / "x")
+
+
+def test_a_grid_grows_by_methods_but_refuses_other_per_method_options(tmp_path):
+    """A grid made with PET and lora:r=4 may be rerun with only some of its methods (the per-method
+    entries of the runs without them are not "other options"), and a later run's new methods are
+    recorded; a method's or PET's own settings that changed are refused."""
+    from lmadapt.compare import check_options
+    out = tmp_path / "cmp"
+    out.mkdir()
+    pet = {"unlabeled": 500, "method": "lora", "final_method": "lora"}
+    shared = {"max_train": 1000, "min_steps": 64}
+    check_options(out, shared | {"method_args": {"lora": {"r": 4}}, "pet": pet}, methods=["lora", "pet"])
+    check_options(out, shared | {"method_args": {}}, methods=["probe"])                      # a subset: accepted
+    check_options(out, shared | {"method_args": {"prefix": {"k": 5}}}, methods=["prefix"])  # a new method's args
+    saved = json.loads((out / "compare.json").read_text())["options"]
+    assert saved["method_args"] == {"lora": {"r": 4}, "pet": {}, "probe": {}, "prefix": {"k": 5}}
+    assert saved["pet"] == pet
+    with pytest.raises(ValueError, match=r"method_args of lora \(\{'r': 4\} -> \{\}\)"):
+        check_options(out, shared | {"method_args": {}}, methods=["lora"])                 # lora without its r=4
+    with pytest.raises(ValueError, match=r"method_args of prefix"):
+        check_options(out, shared | {"method_args": {"prefix": {"k": 8}}}, methods=["prefix"])
+    # A method first run with its defaults keeps them: its cells exist, so new args are refused.
+    check_options(out, shared | {"method_args": {}}, methods=["adapter"])
+    with pytest.raises(ValueError, match=r"method_args of adapter \(\{\} -> \{'bottleneck': 8\}\)"):
+        check_options(out, shared | {"method_args": {"adapter": {"bottleneck": 8}}}, methods=["adapter"])
+    with pytest.raises(ValueError, match=r"pet \("):
+        check_options(out, shared | {"method_args": {}, "pet": pet | {"unlabeled": 8}}, methods=["pet"])
+    with pytest.raises(ValueError, match=r"min_steps \(64 -> 8\)"):
+        check_options(out, {"max_train": 1000, "min_steps": 8, "method_args": {}}, methods=["probe"])
+    # Without `methods` (a caller that does not say which), every entry is compared as before.
+    with pytest.raises(ValueError, match=r"pet \("):
+        check_options(out, shared | {"method_args": {"lora": {"r": 4}, "prefix": {"k": 5}}})

@@ -83,7 +83,7 @@ def cmd_compare(a) -> int:
     argv, given = forwarded(a)
     pet_args = {"unlabeled": a.pet_unlabeled, "method": a.pet_method, "final_method": a.pet_final_method}
     check_options(out, {k: v for k, v in given.items() if k not in NOT_CHECKED}
-                  | {"method_args": margs} | ({"pet": pet_args} if "pet" in methods else {}))
+                  | {"method_args": margs} | ({"pet": pet_args} if "pet" in methods else {}), methods=methods)
     cells, notes = make_grid(tasks, methods, shots, seeds)
     for note in notes:
         print(note)
