@@ -246,11 +246,14 @@ class Bench:
         prompts = train_prompts(model, tok, tasks, self.out / "ipt", k=a.k, max_train=a.ipt_max_train,
                                 max_steps=a.ipt_prompt_steps, batch_size=a.batch_size, max_length=a.max_length,
                                 progress=False, precision=a.precision, max_eval=a.ipt_max_eval,
-                                eval_every=a.ipt_prompt_steps)   # one dev evaluation, at the end (generation is slow)
+                                eval_every=a.ipt_prompt_steps,   # one dev evaluation, at the end (generation is slow)
+                                save_every=100)                  # a killed run resumes (a task is 25-50 min here)
         out = {}
         for d in (int(x) for x in a.ipt_d.split(",")):
             where = self.out / "ipt" / f"d{d}"
-            if not (where / "decoder" / "decoder.json").exists():
+            meta = where / "decoder" / "decoder.json"
+            # a decoder of other joint steps is refit: from its checkpoint when the rest matches
+            if not meta.exists() or json.loads(meta.read_text()).get("steps") != a.ipt_ae_steps:
                 r = fit_autoencoder(model, tok, tasks, prompts, where, d=d, steps=a.ipt_ae_steps, recon=a.ipt_recon,
                                     recon_warmup=a.ipt_recon_warmup,
                                     max_train=a.ipt_max_train, batch_size=a.batch_size, max_length=a.max_length,

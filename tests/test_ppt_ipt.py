@@ -129,6 +129,68 @@ def test_reconstruction_warmup_fits_the_prompts_before_any_task_step(decoder, tm
     assert warm["recon_relative_after_warmup"] < 1e-2 and load_decoder(warm["decoder"])[1]["recon_warmup"] == 300
 
 
+def test_autoencoder_resumes_after_a_kill_to_the_same_decoder(decoder, tmp_path, monkeypatch):
+    """A fit killed mid-way and rerun continues from OUT/checkpoint (no second warm-up) and ends on
+    the decoder an uninterrupted fit gives, to the bit; a finished fit extends to more steps the same
+    way; a rerun with other settings is refused, naming them."""
+    import lmadapt.prompting.ipt as ipt
+    _, prompts, _ = decoder
+    model, tok = causal()
+    kw = dict(d=3, width=32, lr=1e-2, recon_warmup=20, batch_size=4, max_train=16, checkpoint_every=3)
+    whole = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "whole", steps=10, **kw)
+    real, calls = ipt.prompt_reconstruction, {"n": 0}
+
+    def dies_at_joint_step_8(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 20 + 1 + 8:                  # 20 warm-up steps, its check, then joint step 8
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ipt, "prompt_reconstruction", dies_at_joint_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "killed", steps=10, **kw)
+    monkeypatch.setattr(ipt, "prompt_reconstruction", real)
+    assert not (tmp_path / "killed" / "decoder").exists()
+    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["loop"]["step"] == 6
+    again = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "killed", steps=10, **kw)
+    assert again["resumed_from"] == 6 and whole["resumed_from"] == 0
+    assert again["history"] == whole["history"] and again["sha256"] == whole["sha256"]
+    assert again["recon_relative_after_warmup"] == whole["recon_relative_after_warmup"]
+    # a finished fit extended to 14 steps = 14 steps at once
+    longer = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "longer", steps=14, **kw)
+    more = fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "whole", steps=14, **kw)
+    assert more["resumed_from"] == 10 and more["sha256"] == longer["sha256"]
+    assert load_decoder(more["decoder"])[1]["steps"] == 14
+    with pytest.raises(ValueError, match=r"other settings: lr \(0.01 -> 0.02\)"):
+        fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "whole", steps=14, **(kw | {"lr": 2e-2}))
+    moved = {n: P + 1 for n, P in prompts.items()}
+    with pytest.raises(ValueError, match="prompts_sha256"):
+        fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], moved, tmp_path / "whole", steps=14, **kw)
+    with pytest.raises(ValueError, match="past steps=12"):
+        fit_autoencoder(model, tok, [TOY_PVP, TOY_GEN], prompts, tmp_path / "whole", steps=12, **kw)
+
+
+def test_train_prompts_resumes_an_interrupted_task(tmp_path, monkeypatch, capsys):
+    """A task's prompt run killed after a checkpoint resumes from it on the next call (not from step
+    0) and ends on the prompt of an uninterrupted run."""
+    import lmadapt.trainer as trainer
+    model, tok = causal()
+    kw = dict(k=4, max_train=16, max_steps=4, batch_size=4, progress=False, save_every=2, eval_every=4)
+    whole = train_prompts(model, tok, [TOY_PVP], tmp_path / "whole", **kw)
+    real = trainer.save_checkpoint
+
+    def killed_after_saving(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "save_checkpoint", killed_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train_prompts(causal()[0], tok, [TOY_PVP], tmp_path / "killed", **kw)
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    capsys.readouterr()
+    again = train_prompts(causal()[0], tok, [TOY_PVP], tmp_path / "killed", **kw)
+    assert "at step 2/4" in capsys.readouterr().out
+    torch.testing.assert_close(again[TOY_PVP.name], whole[TOY_PVP.name], atol=0, rtol=0)
+
+
 def test_ipt_trains_exactly_d_numbers_and_reloads(decoder, tmp_path):
     res, _, _ = decoder
     model, tok = causal()

@@ -74,7 +74,9 @@ def sha256_of(path) -> str:
 
 def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train: int | None = 500, seed: int = 0,
                   data_root=None, **train_config) -> dict[str, torch.Tensor]:
-    """Prompt tuning on each task (OUT/prompts/NAME, skipped when already there); -> name -> (k, H)."""
+    """Prompt tuning on each task (OUT/prompts/NAME, skipped when already there, resumed from its
+    checkpoint when a run was interrupted: pass `save_every` for checkpoints between evaluations);
+    -> name -> (k, H)."""
     from ..adapted import read_artifact
     from ..api import attach, train
     from ..api import _task
@@ -85,7 +87,7 @@ def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train:
         if not (run / "best" / "method.json").exists():
             a = attach(model, "prompt", task=t, tokenizer=tok, k=k, seed=seed, init_seed=seed)
             train(a, t, shots=shots, max_train=max_train, seed=seed, data_root=data_root, out=run, ood=[],
-                  **train_config)
+                  resume=(run / "checkpoint").exists(), **train_config)
         prompts[t.name] = read_artifact(run / "best")[1]["delta.prompt.table"].float()
     return prompts
 
@@ -94,13 +96,21 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
                     steps: int = 500, lr: float = 1e-3, recon_weight: float = 1.0, recon: str = "relative",
                     recon_warmup: int = 500, batch_size: int = 8,
                     max_train: int = 500, max_length: int = 128, seed: int = 0, data_root=None,
-                    precision: str = "auto", progress: bool = False) -> dict:
+                    precision: str = "auto", progress: bool = False, checkpoint_every: int = 100) -> dict:
     """Step 2 above for `tasks` (Task objects or names; prompts: task name -> (k, H)); writes
     OUT/decoder/ and OUT/history.json. -> {'decoder': path, 'sha256', 'recon_mse' and 'recon_relative':
-    per task, 'history'}."""
+    per task, 'history', 'resumed_from': the joint step it started at}.
+
+    Resumable: every `checkpoint_every` joint steps (and at the end) OUT/checkpoint/ holds the AE, its
+    AdamW state, the batch sampler's and torch's RNG state and the history, written atomically. A
+    call whose settings match the checkpoint's (everything but `steps`; the prompts by hash)
+    continues from it - after a kill, or past a finished run's `steps` to extend the joint phase -
+    and gives the same decoder as one uninterrupted run; other settings are refused, naming them.
+    (The full set-up is hours of joint steps on a CPU; 0 turns checkpoints off.)"""
     from ..api import _task, attach
     from ..atomic import write_dir, write_json
     from ..batching import is_classification
+    from ..checkpoint import save_checkpoint
     from ..data import subsample
     from ..models import fingerprint
     from ..precision import autocast, resolve
@@ -129,24 +139,39 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
         feats = [enc.encode(t, ex) for ex in exs]
         members.append((name, a, enc, feats, P.to(device), is_classification(t)))
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
+    precision = resolve(precision, device)
+    settings = {"tasks": [m[0] for m in members], "prompts_sha256": _prompts_sha256(prompts), "k": k,
+                "hidden_size": H, "d": d, "width": width, "lr": lr, "recon_weight": recon_weight, "recon": recon,
+                "recon_warmup": recon_warmup, "batch_size": batch_size, "max_train": max_train,
+                "max_length": max_length, "seed": seed, "precision": precision, "base_model": fingerprint(model)}
+    ckpt = Path(out) / "checkpoint"
+    g = torch.Generator().manual_seed(seed)
+    loop = _resume(ckpt, settings, steps, dict(ae.named_parameters()), opt) if checkpoint_every else None
 
     def recon_loss(P: torch.Tensor) -> torch.Tensor:
         return prompt_reconstruction(ae.decode(ae.encode(P)), P, relative=recon == "relative")
     # Warm-up: reconstruction alone, all prompts at once (no LM pass), so the joint
     # steps start from a decoder that already spans the prompts instead of a random one.
     stacked = torch.stack([m[4] for m in members])                                  # (n, k, H)
-    for _ in range(recon_warmup):
-        loss = recon_loss(stacked)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        warm = float(prompt_reconstruction(ae.decode(ae.encode(stacked)), stacked, relative=True)) if recon_warmup else None
-    precision = resolve(precision, device)
-    g = torch.Generator().manual_seed(seed)
-    history = []
+    if loop is None:
+        for _ in range(recon_warmup):
+            loss = recon_loss(stacked)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            warm = float(prompt_reconstruction(ae.decode(ae.encode(stacked)), stacked, relative=True)) if recon_warmup else None
+        start, history = 0, []
+    else:
+        g.set_state(torch.tensor(loop["generator"], dtype=torch.uint8))
+        start, history, warm = loop["step"], loop["history"], loop["warm"]
+
+    def save(step: int):
+        save_checkpoint(ckpt, dict(ae.named_parameters()), opt,
+                        {"step": step, "history": history, "warm": warm, "settings": settings,
+                         "generator": g.get_state().tolist()})
     from tqdm.auto import tqdm
-    for step in tqdm(range(steps), disable=not progress, desc="ipt auto-encoder"):
+    for step in tqdm(range(start, steps), disable=not progress, desc="ipt auto-encoder", initial=start, total=steps):
         name, a, enc, feats, P, _ = members[step % len(members)]
         a.train()
         idx = torch.randint(len(feats), (batch_size,), generator=g).tolist()
@@ -160,6 +185,10 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
         opt.step()
         history.append({"step": step + 1, "task": name, "task_loss": float(task_loss.detach()),
                         "recon": float(rec.detach())})
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save(step + 1)
+    if checkpoint_every and (loop is None or start < steps):
+        save(steps)
     ae.eval()
     with torch.no_grad():
         codes = torch.stack([ae.encode(P) for *_, P, _ in members])                   # (n, d)
@@ -181,7 +210,37 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
     write_json(Path(out) / "history.json", history)       # per joint step: task, task loss, reconstruction
     return {"decoder": str(directory), "sha256": sha256_of(directory / DECODER_FILE), "recon_mse": mse,
             "recon_relative": relative, "recon_relative_after_warmup": warm,
-            "history": history}
+            "history": history, "resumed_from": start}
+
+
+def _prompts_sha256(prompts: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name, P in prompts.items():
+        h.update(name.encode() + b"\0" + str(tuple(P.shape)).encode())
+        h.update(P.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resume(ckpt: Path, settings: dict, steps: int, named: dict, opt) -> dict | None:
+    """The loop state of OUT/checkpoint (AE and optimizer restored in place), or None if there is none."""
+    from ..atomic import existing_dir, read_json_file
+    from ..checkpoint import load_checkpoint
+    found = existing_dir(ckpt)
+    if found is None:
+        return None
+    fix = f"delete {ckpt} to start the auto-encoder over, or fit into another folder"
+    saved = read_json_file(found / "state.json", fix).get("loop", {}).get("settings")
+    if saved != settings:
+        if not isinstance(saved, dict):
+            raise ValueError(f"{found}: not an IPT auto-encoder checkpoint; {fix}")
+        diff = [f"{key} ({saved.get(key)!r} -> {settings.get(key)!r})" for key in sorted(set(saved) | set(settings))
+                if saved.get(key) != settings.get(key)]
+        raise ValueError(f"{found}: it was fit with other settings: {', '.join(diff)}; {fix}")
+    loop = load_checkpoint(found, named, opt)
+    if loop["step"] > steps:
+        raise ValueError(f"{found}: it is at joint step {loop['step']}, past steps={steps}; ask for at least "
+                         f"{loop['step']} steps, or {fix}")
+    return loop
 
 
 def load_decoder(directory) -> tuple[PromptAutoEncoder, dict, torch.Tensor]:
