@@ -66,7 +66,7 @@ def tiny_model_dir(path: Path) -> str:
 
 
 # Settings a row's figure does not depend on: where it is written, what runs, what is reused.
-NOT_SETTINGS = ("out", "parts", "tasks", "seeds", "reuse", "ipt_heldout", "table")
+NOT_SETTINGS = ("out", "parts", "tasks", "seeds", "reuse", "ipt_heldout", "table", "ipt_prompts_shard")
 
 
 def key_of(row) -> tuple:
@@ -243,11 +243,19 @@ class Bench:
         a = self.a
         tasks = [t for t in a.ipt_train.split(",") if t]
         model, tok = self.load()
+        if a.ipt_prompts_shard:       # stage 1 only, every n-th training task: one process per core
+            i, _, n = a.ipt_prompts_shard.partition("/")
+            if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
+                raise SystemExit(f"--ipt-prompts-shard {a.ipt_prompts_shard!r}: expected I/N with 1 <= I <= N, e.g. 1/2")
+            tasks = tasks[int(i) - 1::int(n)]
         prompts = train_prompts(model, tok, tasks, self.out / "ipt", k=a.k, max_train=a.ipt_max_train,
                                 max_steps=a.ipt_prompt_steps, batch_size=a.batch_size, max_length=a.max_length,
                                 progress=False, precision=a.precision, max_eval=a.ipt_max_eval,
                                 eval_every=a.ipt_prompt_steps,   # one dev evaluation, at the end (generation is slow)
                                 save_every=100)                  # a killed run resumes (a task is 25-50 min here)
+        if a.ipt_prompts_shard:
+            print(json.dumps({"part": "ipt", "prompts": sorted(prompts), "shard": a.ipt_prompts_shard}), flush=True)
+            return None
         out = {}
         for d in (int(x) for x in a.ipt_d.split(",")):
             where = self.out / "ipt" / f"d{d}"
@@ -281,7 +289,9 @@ class Bench:
                     self.templates(task, seed)
                 if "ppt" in parts:
                     self.ppt(task, seed)
-        if "ipt" in parts:
+        if "ipt" in parts and self.a.ipt_prompts_shard:
+            self.ipt_decoders()
+        elif "ipt" in parts:
             heldout = self.a.ipt_heldout.split(",")
             dims = [int(x) for x in self.a.ipt_d.split(",")]
             variants = ("prompt tuning (full)", *(f"ipt d={d}" for d in dims))
@@ -362,6 +372,9 @@ def main():
                     help="tasks whose prompts make the subspace (default: NLI, QA, summarization, table-to-text)")
     ap.add_argument("--ipt-heldout", default="sst2", help="held-out tasks tuned in the subspace (sst2: sentiment)")
     ap.add_argument("--ipt-d", default="5,20")
+    ap.add_argument("--ipt-prompts-shard", metavar="I/N",
+                    help="only train the prompts of every N-th --ipt-train task from the I-th (1-based) and stop: "
+                         "run I = 1..N at once, one per core, then the command without it fits and tunes")
     ap.add_argument("--ipt-max-train", type=int, default=1000)
     ap.add_argument("--ipt-max-eval", type=int, default=200)
     ap.add_argument("--ipt-prompt-steps", type=int, default=500)
