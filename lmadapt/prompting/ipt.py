@@ -229,7 +229,9 @@ def _resume(ckpt: Path, settings: dict, steps: int, named: dict, opt) -> dict | 
     if found is None:
         return None
     fix = f"delete {ckpt} to start the auto-encoder over, or fit into another folder"
-    saved = read_json_file(found / "state.json", fix).get("loop", {}).get("settings")
+    meta = read_json_file(found / "state.json", fix)
+    loop = meta.get("loop") if isinstance(meta, dict) else None
+    saved = loop.get("settings") if isinstance(loop, dict) else None
     if saved != settings:
         if not isinstance(saved, dict):
             raise ValueError(f"{found}: not an IPT auto-encoder checkpoint; {fix}")
