@@ -66,7 +66,7 @@ def tiny_model_dir(path: Path) -> str:
 
 
 # Settings a row's figure does not depend on: where it is written, what runs, what is reused.
-NOT_SETTINGS = ("out", "parts", "tasks", "seeds", "reuse", "ipt_heldout", "table", "ipt_prompts_shard")
+NOT_SETTINGS = ("out", "parts", "tasks", "seeds", "reuse", "ipt_heldout", "table", "ipt_prompts_shard", "ipt_fit_only")
 
 
 def key_of(row) -> tuple:
@@ -289,7 +289,7 @@ class Bench:
                     self.templates(task, seed)
                 if "ppt" in parts:
                     self.ppt(task, seed)
-        if "ipt" in parts and self.a.ipt_prompts_shard:
+        if "ipt" in parts and (self.a.ipt_prompts_shard or self.a.ipt_fit_only):
             self.ipt_decoders()
         elif "ipt" in parts:
             heldout = self.a.ipt_heldout.split(",")
@@ -372,6 +372,9 @@ def main():
                     help="tasks whose prompts make the subspace (default: NLI, QA, summarization, table-to-text)")
     ap.add_argument("--ipt-heldout", default="sst2", help="held-out tasks tuned in the subspace (sst2: sentiment)")
     ap.add_argument("--ipt-d", default="5,20")
+    ap.add_argument("--ipt-fit-only", action="store_true",
+                    help="stop after the prompts and the decoders: e.g. --ipt-d 5 and --ipt-d 20 at once, one per core, "
+                         "then the command with --ipt-d 5,20 finds both and tunes the held-out tasks")
     ap.add_argument("--ipt-prompts-shard", metavar="I/N",
                     help="only train the prompts of every N-th --ipt-train task from the I-th (1-based) and stop: "
                          "run I = 1..N at once, one per core, then the command without it fits and tunes")
