@@ -4,7 +4,8 @@ PPT: the sentence pairs are what their labels say; a pre-trained prompt loads as
 initial table (exactly), mismatches are refused, and a run started from it reloads without it.
 IPT: the auto-encoder reconstructs the training tasks' prompts; d-dim tuning trains exactly d
 numbers, through the frozen decoder; its artifact (z + the decoder's path and hash) reloads to the
-same outputs, and a changed decoder is refused."""
+same outputs, and a changed decoder is refused; both stages resume after a kill to the bit, and
+`lmadapt ipt` runs them and feeds `--method ipt`."""
 import json
 import shutil
 from pathlib import Path
@@ -294,3 +295,49 @@ def test_ipt_fills_a_templates_soft_slots(decoder):
     with pytest.raises(ValueError, match="has 3 soft tokens but method 'ipt' has k=4"):
         lmadapt.attach(causal()[0], "ipt", task=TOY_PVP, tokenizer=tok, decoder=res["decoder"],
                        template="{soft:3} {text} it was {mask}", verbalizer="negative=bad,positive=good")
+
+
+def test_ipt_command_finds_a_subspace_resumes_and_feeds_the_ipt_method(tmp_path, capsys):
+    """`lmadapt ipt`: a prompt per training task, then the decoder; rerun with more --steps it
+    extends the fit from its checkpoint; the decoder trains a held-out task through --method ipt
+    with d parameters; bad input exits 2 with one line."""
+    from conftest import make_model, make_tokenizer
+    from lmadapt.cli import main
+    tiny_dir = tmp_path / "model"                  # the toy vocabulary plus SST-2's label words
+    tok = make_tokenizer()
+    tok.add_tokens(["terrible", "great"])
+    make_model("llama", len(tok)).save_pretrained(tiny_dir)
+    tok.save_pretrained(tiny_dir)
+    root = tmp_path / "data"
+    (root / "sst2").mkdir(parents=True)
+    (root / "e2e_nlg").mkdir(parents=True)
+    for split in ("train", "dev"):
+        (root / "sst2" / f"{split}.tsv").write_text(
+            "sentence\tlabel\n" + "".join(f"a {w} film\t{y}\n" for w, y in (("good", 1), ("bad", 0)) * 6))
+    for split in ("trainset", "devset"):
+        (root / "e2e_nlg" / f"{split}.csv").write_text(
+            "mr,ref\n" + "".join(f'"name[cafe], price[{p}]",the cafe is {p}\n' for p in ("cheap", "high") * 6))
+    out = tmp_path / "ipt"
+    args = ["ipt", "--model", str(tiny_dir), "--tasks", "sst2,e2e_nlg", "--data-root", str(root), "--out", str(out),
+            "--k", "4", "--prompt-steps", "2", "--max-train", "8", "--max-eval", "4", "--d", "3", "--width", "16",
+            "--recon-warmup", "5", "--batch-size", "4", "--no-progress", "--checkpoint-every", "2"]
+    assert main([*args, "--steps", "4"]) == 0
+    said = capsys.readouterr().out
+    assert f"decoder={out / 'decoder'}" in said and "resumed" not in said
+    assert sorted(p.name for p in (out / "prompts").iterdir()) == ["e2e_nlg", "sst2"]
+    assert main([*args, "--steps", "6"]) == 0
+    assert "resumed the auto-encoder from joint step 4" in capsys.readouterr().out
+    assert load_decoder(out / "decoder")[1]["steps"] == 6
+    assert main(["train", "--model", str(tiny_dir), "--task", "sst2", "--data-root", str(root), "--method", "ipt",
+                 "--method-args", f"decoder={out / 'decoder'}", "--max-steps", "1", "--max-train", "8",
+                 "--max-eval", "4", "--batch-size", "4", "--ood", "", "--out", str(tmp_path / "heldout"),
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "heldout" / "result.json").read_text())["trainable_params"] == 3
+    capsys.readouterr()
+    assert main([*args, "--steps", "6", "--d", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings: d (3 -> 4)" in err, err
+    assert main([*args, "--steps", "6", "--tasks", "sst2"]) == 2
+    assert "at least two training tasks" in capsys.readouterr().err
+    assert main([*args, "--steps", "6", "--tasks", "sst2,rte9"]) == 2
+    assert "rte9" in capsys.readouterr().err

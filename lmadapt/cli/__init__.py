@@ -19,7 +19,7 @@ EXIT_USAGE = 2
 COMMANDS = [
     "train", "evaluate", "pet", "icl", "cot", "instruct", "predict",
     "sft", "reward", "dpo", "ppo",
-    "prompt_search", "ppt",
+    "prompt_search", "ppt", "ipt",
     "serve", "user",
     "compare", "report",
     "listing",
