@@ -242,12 +242,12 @@ class Bench:
         from lmadapt.prompting.ipt import fit_autoencoder, train_prompts
         a = self.a
         tasks = [t for t in a.ipt_train.split(",") if t]
-        model, tok = self.load()
         if a.ipt_prompts_shard:       # stage 1 only, every n-th training task: one process per core
             i, _, n = a.ipt_prompts_shard.partition("/")
             if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
                 raise SystemExit(f"--ipt-prompts-shard {a.ipt_prompts_shard!r}: expected I/N with 1 <= I <= N, e.g. 1/2")
             tasks = tasks[int(i) - 1::int(n)]
+        model, tok = self.load()
         prompts = train_prompts(model, tok, tasks, self.out / "ipt", k=a.k, max_train=a.ipt_max_train,
                                 max_steps=a.ipt_prompt_steps, batch_size=a.batch_size, max_length=a.max_length,
                                 progress=False, precision=a.precision, max_eval=a.ipt_max_eval,
