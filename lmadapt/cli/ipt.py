@@ -48,7 +48,8 @@ def register(sub) -> None:
     p.add_argument("--prompt-steps", type=int, default=500, help="prompt-tuning steps per task (500)")
     p.add_argument("--prompt-lr", type=float, help="prompt tuning's lr (default: the prompt method's)")
     p.add_argument("--max-train", type=int, default=1000, help="training examples per task, a seeded subset (1000)")
-    p.add_argument("--max-eval", type=int, help="dev examples for each prompt run's one evaluation")
+    p.add_argument("--max-eval", type=int, default=200,
+                   help="dev examples, a fixed subset, for each prompt run's one evaluation at its end (200)")
     p.add_argument("--d", type=int, default=5, help="the subspace's dimension (5)")
     p.add_argument("--width", type=int, default=256, help="the back-projection's hidden width (256)")
     p.add_argument("--steps", type=int, default=2000, help="joint auto-encoder steps, one task per step (2000)")
