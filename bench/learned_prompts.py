@@ -242,6 +242,12 @@ class Bench:
         from lmadapt.prompting.ipt import fit_autoencoder, train_prompts
         a = self.a
         tasks = [t for t in a.ipt_train.split(",") if t]
+        if a.ipt_fit_only:            # both fits at once must not train a missing prompt twice into one folder
+            missing = [t for t in tasks if not (self.out / "ipt" / "prompts" / lmadapt.api._task(t).name
+                                                / "best" / "method.json").exists()]
+            if missing:
+                raise SystemExit(f"--ipt-fit-only: no finished prompt for {', '.join(missing)} in {self.out / 'ipt'}; "
+                                 "train the prompts first (--ipt-prompts-shard I/N, or the command without either flag)")
         if a.ipt_prompts_shard:       # stage 1 only, every n-th training task: one process per core
             i, _, n = a.ipt_prompts_shard.partition("/")
             if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
@@ -279,6 +285,9 @@ class Bench:
 
     def run_parts(self):
         parts = self.a.parts.split(",")
+        if (self.a.ipt_prompts_shard or self.a.ipt_fit_only) and parts != ["ipt"]:
+            raise SystemExit("--ipt-prompts-shard and --ipt-fit-only run stages of IPT alone: add --parts ipt "
+                             "(the other parts' rows would be run by every process at once)")
         seeds = [int(s) for s in self.a.seeds.split(",")]
         tasks = self.a.tasks.split(",")
         for task in tasks:

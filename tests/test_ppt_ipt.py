@@ -190,6 +190,11 @@ def test_train_prompts_resumes_an_interrupted_task(tmp_path, monkeypatch, capsys
     again = train_prompts(causal()[0], tok, [TOY_PVP], tmp_path / "killed", **kw)
     assert "at step 2/4" in capsys.readouterr().out
     torch.testing.assert_close(again[TOY_PVP.name], whole[TOY_PVP.name], atol=0, rtol=0)
+    # a finished prompt is reused only for the settings it was trained with
+    assert torch.equal(train_prompts(causal()[0], tok, [TOY_PVP], tmp_path / "whole", **kw)[TOY_PVP.name],
+                       whole[TOY_PVP.name])
+    with pytest.raises(ValueError, match=r"other settings: max_steps \(4 -> 6\)"):
+        train_prompts(causal()[0], tok, [TOY_PVP], tmp_path / "whole", **(kw | {"max_steps": 6}))
 
 
 def test_ipt_trains_exactly_d_numbers_and_reloads(decoder, tmp_path):
@@ -325,7 +330,8 @@ def test_ipt_command_finds_a_subspace_resumes_and_feeds_the_ipt_method(tmp_path,
     said = capsys.readouterr().out
     assert f"decoder={out / 'decoder'}" in said and "resumed" not in said
     assert sorted(p.name for p in (out / "prompts").iterdir()) == ["e2e_nlg", "sst2"]
-    assert main([*args, "--steps", "6"]) == 0
+    again = [f"{tiny_dir}/." if x == str(tiny_dir) else x for x in args]     # the same model, spelled otherwise
+    assert main([*again, "--steps", "6"]) == 0
     assert "resumed the auto-encoder from joint step 4" in capsys.readouterr().out
     assert load_decoder(out / "decoder")[1]["steps"] == 6
     assert main(["train", "--model", str(tiny_dir), "--task", "sst2", "--data-root", str(root), "--method", "ipt",
@@ -337,7 +343,7 @@ def test_ipt_command_finds_a_subspace_resumes_and_feeds_the_ipt_method(tmp_path,
     assert main([*args, "--steps", "6", "--d", "4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings: d (3 -> 4)" in err, err
-    assert main([*args, "--steps", "6", "--tasks", "sst2"]) == 2
-    assert "at least two training tasks" in capsys.readouterr().err
+    assert main([*args, "--steps", "6", "--tasks", "sst2, sst2"]) == 2
+    assert "at least two different training tasks" in capsys.readouterr().err
     assert main([*args, "--steps", "6", "--tasks", "sst2,rte9"]) == 2
     assert "rte9" in capsys.readouterr().err

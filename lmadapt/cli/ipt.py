@@ -13,9 +13,10 @@ def cmd_ipt(a) -> int:
     import lmadapt
     from ..api import _task
     from ..prompting.ipt import fit_autoencoder, train_prompts
-    tasks = [_task(t) for t in a.tasks.split(",") if t.strip()]     # an unknown name fails before any loading
+    names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    tasks = [_task(t) for t in dict.fromkeys(names)]                 # an unknown name fails before any loading
     if len(tasks) < 2:
-        raise ValueError(f"--tasks {a.tasks!r}: a shared subspace needs at least two training tasks")
+        raise ValueError(f"--tasks {a.tasks!r}: a shared subspace needs at least two different training tasks")
     model, tok = lmadapt.load(a.model)
     cfg = {k: v for k, v in (("lr", a.prompt_lr), ("max_eval", a.max_eval)) if v is not None}
     prompts = train_prompts(model, tok, tasks, a.out, k=a.k, max_train=a.max_train, seed=a.seed,
@@ -58,7 +59,9 @@ def register(sub) -> None:
                    help="reconstruction loss: relative to the prompts' mean square, or plain MSE (relative)")
     p.add_argument("--recon-weight", type=float, default=1.0)
     p.add_argument("--recon-warmup", type=int, default=500, help="reconstruction-only steps first (500)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints (100)")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="steps between resumable checkpoints, of the prompt runs and of the auto-encoder (100; "
+                        "0: the auto-encoder keeps none, a prompt run one per evaluation)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -80,14 +80,28 @@ def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train:
     from ..adapted import read_artifact
     from ..api import attach, train
     from ..api import _task
+    from ..atomic import existing_dir, read_json_file, write_json
+    # what a prompt depends on; progress and checkpointing do not change it
+    settings = json.loads(json.dumps({"k": k, "shots": shots, "max_train": max_train, "seed": seed,
+                                      **{n: v for n, v in train_config.items() if n not in ("progress", "save_every")}},
+                                     default=str))
     prompts = {}
     for task in tasks:
         t = _task(task)
         run = Path(out) / "prompts" / t.name
+        record = run / "ipt_prompt.json"
+        if record.exists():
+            saved = read_json_file(record, f"delete {run} to train this task's prompt again")
+            if saved != settings:
+                diff = [f"{n} ({saved.get(n)!r} -> {settings.get(n)!r})" for n in sorted(set(saved) | set(settings))
+                        if saved.get(n) != settings.get(n)]
+                raise ValueError(f"{run}: its prompt was trained with other settings: {', '.join(diff)}; use "
+                                 f"another folder, or delete {run} to train it again")
         if not (run / "best" / "method.json").exists():
+            write_json(record, settings)
             a = attach(model, "prompt", task=t, tokenizer=tok, k=k, seed=seed, init_seed=seed)
             train(a, t, shots=shots, max_train=max_train, seed=seed, data_root=data_root, out=run, ood=[],
-                  resume=(run / "checkpoint").exists(), **train_config)
+                  resume=existing_dir(run / "checkpoint") is not None, **train_config)
         prompts[t.name] = read_artifact(run / "best")[1]["delta.prompt.table"].float()
     return prompts
 
@@ -143,7 +157,8 @@ def fit_autoencoder(model, tok, tasks, prompts: dict[str, torch.Tensor], out, *,
     settings = {"tasks": [m[0] for m in members], "prompts_sha256": _prompts_sha256(prompts), "k": k,
                 "hidden_size": H, "d": d, "width": width, "lr": lr, "recon_weight": recon_weight, "recon": recon,
                 "recon_warmup": recon_warmup, "batch_size": batch_size, "max_train": max_train,
-                "max_length": max_length, "seed": seed, "precision": precision, "base_model": fingerprint(model)}
+                "max_length": max_length, "seed": seed, "precision": precision,
+                "base_model": {key: value for key, value in fingerprint(model).items() if key != "name"}}   # not how it was spelled
     ckpt = Path(out) / "checkpoint"
     g = torch.Generator().manual_seed(seed)
     loop = _resume(ckpt, settings, steps, dict(ae.named_parameters()), opt) if checkpoint_every else None
