@@ -4,7 +4,8 @@ was written that turn a truncated or corrupt file into one line naming it (Damag
 A file is written to a temp file in the same folder and renamed over the target. A folder
 (artifact, checkpoint) is written to a temp folder; an existing folder is first renamed aside to
 `.NAME.old-PID`, then the new one renamed into place, then the old one removed. A kill between
-those two renames leaves no NAME but a complete `.NAME.old-*`: `existing_dir` finds it.
+those two renames leaves no NAME but a complete `.NAME.old-*`: `existing_dir` finds it, and the
+next complete write of NAME removes every `.NAME.old-*` (out of date by then).
 """
 from __future__ import annotations
 
@@ -63,8 +64,10 @@ def write_dir(directory: str | os.PathLike, write: Callable[[Path], None]) -> in
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
         os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # the previous version, and any an earlier kill left aside: once NAME is complete again they
+        # are out of date, and `existing_dir` must not fall back on them if NAME is later deleted
+        for stale in directory.parent.glob(f".{directory.name}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         return size
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@ one line naming the file and what is wrong, exit 2 (never a traceback); a damage
 rebuilt."""
 import json
 import os
+import shutil
 import warnings
 
 import pytest
@@ -158,3 +159,20 @@ def test_atomic_writes_get_the_mode_a_plain_write_would_have(tmp_path):
         assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_a_complete_write_dir_clears_the_versions_a_kill_left_aside(tmp_path):
+    """A kill between write_dir's two renames leaves only `.NAME.old-PID`, which existing_dir then
+    finds; once NAME is written again, such leftovers are out of date and are removed, so deleting
+    NAME (to start over) does not bring an old checkpoint back."""
+    from lmadapt.atomic import existing_dir, write_dir
+    ck = tmp_path / "checkpoint"
+    stale = tmp_path / ".checkpoint.old-12345"
+    stale.mkdir()
+    (stale / "state.json").write_text("{}")
+    assert existing_dir(ck) == stale                                     # the kill's leftover is what resumes
+    write_dir(ck, lambda d: (d / "state.json").write_text('{"step": 2}'))
+    write_dir(ck, lambda d: (d / "state.json").write_text('{"step": 4}'))   # and its own previous version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    shutil.rmtree(ck)
+    assert existing_dir(ck) is None
