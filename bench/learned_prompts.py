@@ -239,12 +239,11 @@ class Bench:
             self.run("ppt", task, name, seed, "prompt", {}, method_args={"k": self.a.k, "init": init})
 
     def ipt_decoders(self):
-        from lmadapt.prompting.ipt import fit_autoencoder, train_prompts
+        from lmadapt.prompting.ipt import fit_autoencoder, prompt_dir, train_prompts
         a = self.a
         tasks = [t for t in a.ipt_train.split(",") if t]
         if a.ipt_fit_only:            # both fits at once must not train a missing prompt twice into one folder
-            missing = [t for t in tasks if not (self.out / "ipt" / "prompts" / lmadapt.api._task(t).name
-                                                / "best" / "method.json").exists()]
+            missing = [t for t in tasks if not (prompt_dir(self.out / "ipt", t) / "best" / "method.json").exists()]
             if missing:
                 raise SystemExit(f"--ipt-fit-only: no finished prompt for {', '.join(missing)} in {self.out / 'ipt'}; "
                                  "train the prompts first (--ipt-prompts-shard I/N, or the command without either flag)")

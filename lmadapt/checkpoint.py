@@ -11,6 +11,11 @@ from safetensors.torch import save_file
 from .atomic import DamagedFile, read_json_file, read_safetensors, write_dir
 
 
+def settings_diff(saved: dict, now: dict) -> list[str]:
+    """'name (old -> new)' for every setting that differs: what a refused resume names."""
+    return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
 def save_checkpoint(directory: Path, named_params: dict[str, torch.Tensor], optimizer, loop_state: dict) -> None:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,6 @@ OUT/decoder is what `lmadapt train --method ipt --method-args decoder=OUT/decode
 in. Both stages resume: rerun the same command after a kill, or with more --steps to extend."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from .common import DEFAULT_MODEL, common_args
 
 

@@ -72,6 +72,12 @@ def sha256_of(path) -> str:
     return h.hexdigest()
 
 
+def prompt_dir(out, task) -> Path:
+    """Where `train_prompts` trains `task`'s prompt (its best/ is the finished prompt)."""
+    from ..api import _task
+    return Path(out) / "prompts" / _task(task).name
+
+
 def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train: int | None = 500, seed: int = 0,
                   data_root=None, **train_config) -> dict[str, torch.Tensor]:
     """Prompt tuning on each task (OUT/prompts/NAME, skipped when already there, resumed from its
@@ -81,6 +87,7 @@ def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train:
     from ..api import attach, train
     from ..api import _task
     from ..atomic import existing_dir, read_json_file, write_json
+    from ..checkpoint import settings_diff
     # what a prompt depends on; progress and checkpointing do not change it
     settings = json.loads(json.dumps({"k": k, "shots": shots, "max_train": max_train, "seed": seed,
                                       **{n: v for n, v in train_config.items() if n not in ("progress", "save_every")}},
@@ -88,14 +95,13 @@ def train_prompts(model, tok, tasks, out, *, k: int = 20, shots=None, max_train:
     prompts = {}
     for task in tasks:
         t = _task(task)
-        run = Path(out) / "prompts" / t.name
+        run = prompt_dir(out, t)
         record = run / "ipt_prompt.json"
         if record.exists():
             saved = read_json_file(record, f"delete {run} to train this task's prompt again")
             if saved != settings:
-                diff = [f"{n} ({saved.get(n)!r} -> {settings.get(n)!r})" for n in sorted(set(saved) | set(settings))
-                        if saved.get(n) != settings.get(n)]
-                raise ValueError(f"{run}: its prompt was trained with other settings: {', '.join(diff)}; use "
+                raise ValueError(f"{run}: its prompt was trained with other settings: "
+                                 f"{', '.join(settings_diff(saved, settings))}; use "
                                  f"another folder, or delete {run} to train it again")
         if not (run / "best" / "method.json").exists():
             write_json(record, settings)
@@ -239,7 +245,7 @@ def _prompts_sha256(prompts: dict[str, torch.Tensor]) -> str:
 def _resume(ckpt: Path, settings: dict, steps: int, named: dict, opt) -> dict | None:
     """The loop state of OUT/checkpoint (AE and optimizer restored in place), or None if there is none."""
     from ..atomic import existing_dir, read_json_file
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, settings_diff
     found = existing_dir(ckpt)
     if found is None:
         return None
@@ -250,9 +256,7 @@ def _resume(ckpt: Path, settings: dict, steps: int, named: dict, opt) -> dict | 
     if saved != settings:
         if not isinstance(saved, dict):
             raise ValueError(f"{found}: not an IPT auto-encoder checkpoint; {fix}")
-        diff = [f"{key} ({saved.get(key)!r} -> {settings.get(key)!r})" for key in sorted(set(saved) | set(settings))
-                if saved.get(key) != settings.get(key)]
-        raise ValueError(f"{found}: it was fit with other settings: {', '.join(diff)}; {fix}")
+        raise ValueError(f"{found}: it was fit with other settings: {', '.join(settings_diff(saved, settings))}; {fix}")
     loop = load_checkpoint(found, named, opt)
     if loop["step"] > steps:
         raise ValueError(f"{found}: it is at joint step {loop['step']}, past steps={steps}; ask for at least "
