@@ -9,7 +9,10 @@ for a causal LM on a task with patterns, the linear head for the probe). The N t
 are the same seeded subset for every cell. Prints dev metric per method x lr, the winner per
 method, its margin over the majority class (classification), and writes OUT/sweep.json.
 
-The lrs: `--factors` times each method's default lr (`lmadapt methods`), or `--lrs METHOD:a,b,c`.
+The lrs: `--factors` times each method's default lr (`lmadapt methods`, "lr": the SST-2-selected one,
+also on generation tasks, so that a sweep's cells keep their lrs), or `--lrs METHOD:a,b,c`. The
+default shown by the winner is the one `train` uses on the task (Method.lr_for: "lr (generation)"
+on a generation task where the method has one).
 
 OUT/sweep.json also holds every finished cell's result.json and the settings they ran with;
 `--reuse FILE` (such a sweep.json, e.g. a committed copy: run folders do not survive a new machine)
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
                 precisions[m, lr] = r.get("precision")
         if scores:
             best = max(scores, key=scores.get)
-            winners[m] = {"lr": best, "dev": scores[best], "default_lr": METHODS[m].default_lr,
+            winners[m] = {"lr": best, "dev": scores[best], "default_lr": METHODS[m].lr_for(task),
                           "scores": {str(k): v for k, v in scores.items()}}
     print(f"\n{task.name}: best dev {task.metric} per method x lr ({a.max_train} training examples, "
           f"defaults otherwise)" + (f"; majority class {base:.1f}" if base is not None else ""))

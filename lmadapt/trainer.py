@@ -37,7 +37,7 @@ from .precision import PRECISIONS, autocast, resolve
 
 @dataclass
 class TrainConfig:
-    lr: float | None = None          # None: the method's default (Method.default_lr)
+    lr: float | None = None          # None: the method's default on the task (Method.lr_for)
     epochs: float | None = None     # None: the method's default (Method.default_epochs)
     max_steps: int | None = None     # overrides epochs
     min_steps: int | None = None     # a shorter run (few-shot) is stretched to this many steps
@@ -179,7 +179,7 @@ def fit(adapted, task, train_examples, dev_examples, cfg: TrainConfig, out: Path
     named = {n: p for n, p in adapted.named_parameters() if p.requires_grad}
     if not named:
         raise ValueError(f"method '{adapted.method.name}' left nothing trainable")
-    lr = cfg.lr or adapted.method.default_lr
+    lr = cfg.lr or adapted.method.lr_for(task)
     optimizer = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=cfg.weight_decay)
     n = len(train_examples)
     epochs = cfg.epochs or adapted.method.default_epochs

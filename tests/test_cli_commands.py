@@ -193,7 +193,8 @@ def test_methods_lists_every_method_with_its_defaults(capsys):
     for name, cls in METHODS.items():
         row = rows[name]
         assert row[1] == cls.summary
-        assert row[-3:] == ["yes" if cls.supports_slots else "no", f"{cls.default_lr:g}", f"{cls.default_epochs:g}"]
+        gen = f"{cls.generation_lr:g}" if cls.generation_lr is not None else "-"
+        assert row[-4:] == ["yes" if cls.supports_slots else "no", f"{cls.default_lr:g}", gen, f"{cls.default_epochs:g}"]
     assert rows["lora"][2] == "r=4, alpha=8.0, dropout=0.0, targets=()"
-    assert rows["full"][2] == "-" and rows["full"][-3] == "no"
+    assert rows["full"][2] == "-" and rows["full"][-4] == "no"
     assert rows["probe"][-1] == "30"

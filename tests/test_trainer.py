@@ -400,3 +400,19 @@ def test_min_steps_stretches_a_few_shot_run_and_keeps_its_evaluations():
     assert r["steps"] == 6
     with pytest.raises(ValueError, match="min_steps must be >= 1"):
         run(min_steps=0)
+
+
+def test_default_lr_follows_the_task_kind():
+    """No --lr: a generation task trains at the method's generation_lr, classification at default_lr."""
+    from lmadapt.methods import METHODS
+    lora = METHODS["lora"]
+    assert lora.generation_lr is not None and lora.generation_lr != lora.default_lr
+    tok = make_tokenizer()
+    runs = {}
+    for task in (TOY_GEN, TOY_CLS):
+        a = lmadapt.attach(make_model("llama", len(tok)), "lora", task=task, tokenizer=tok)
+        r = lmadapt.train(a, task, max_steps=2, batch_size=8, warmup_ratio=0.0, progress=False,
+                          max_new_tokens=2)
+        runs[task.kind] = r["lr"]
+    assert runs == {"generation": lora.generation_lr, "classification": lora.default_lr}
+    assert METHODS["full"].lr_for(TOY_GEN) == METHODS["full"].default_lr  # none set: default_lr everywhere

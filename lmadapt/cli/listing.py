@@ -21,8 +21,9 @@ def cmd_methods(a) -> int:
         args = ", ".join(f"{f.name}={f.default if f.default is not dataclasses.MISSING else '?'}"
                          for f in dataclasses.fields(cls))
         rows.append([name, cls.summary, args or "-", "yes" if cls.supports_slots else "no",
-                     f"{cls.default_lr:g}", f"{cls.default_epochs:g}"])
-    print(table(rows, ["method", "what", "args (defaults)", "slots", "lr", "epochs"]))
+                     f"{cls.default_lr:g}", f"{cls.generation_lr:g}" if cls.generation_lr is not None else "-",
+                     f"{cls.default_epochs:g}"])
+    print(table(rows, ["method", "what", "args (defaults)", "slots", "lr", "lr (generation)", "epochs"]))
     return 0
 
 

@@ -62,7 +62,18 @@ class Method:
     # Whether the method's k virtual tokens can fill a template's {soft:N} slots (prompt, ptuning).
     virtual_tokens: ClassVar[bool] = False
     default_lr: ClassVar[float] = 1e-3
+    # The default lr on generation tasks where the E2E sweep's winner is another lr than the
+    # SST-2-selected default_lr (docs/methods.md, "E2E"); None: default_lr everywhere.
+    generation_lr: ClassVar[float | None] = None
     default_epochs: ClassVar[float] = 1.0
+
+    @classmethod
+    def lr_for(cls, task) -> float:
+        """The default learning rate on `task`: generation_lr on a generation task when the method
+        has one, default_lr otherwise."""
+        if cls.generation_lr is not None and getattr(task, "kind", None) == "generation":
+            return cls.generation_lr
+        return cls.default_lr
 
     def inject(self, adapted) -> None:
         raise NotImplementedError

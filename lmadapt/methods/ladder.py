@@ -203,6 +203,7 @@ class Ladder(Method):
     summary = "side transformer on frozen hidden states (backbone under no_grad: low training memory)"
     supports_slots = False
     default_lr = 3e-3
+    generation_lr = 9e-3   # E2E sweep winner (BLEU 42.4; 3e-3: 38.3, 3e-2: 36.1) (docs/methods.md)
     reduction: int = 8            # side width w = hidden / reduction
     heads: int | None = None      # side attention heads; None: max(1, backbone heads // reduction), dividing w
     expansion: int = 4            # side FFN width = expansion * w
